@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The main job: install, write a small synthetic recording, run a small search (BNCNN vs LN x two learning
+# rates) logged to the embedded MLflow store in ./demo, and print the summary table. Then: cd demo && mlflow ui
+set -euo pipefail
+cd "$(dirname "$0")"
+scripts/setup-venv.sh
+export MLFLOW_DISABLE_TELEMETRY=true
+unset MLFLOW_TRACKING_URI MLFLOW_RUN_ID MLFLOW_EXPERIMENT_ID
+mkdir -p demo
+.venv/bin/retina-trainer data synth demo/data --dataset synth01 --stim-type whitenoise --cells 5 --size 20 \
+  --train-frames 12000 --test-frames 1500 --repeats 5 --history 20 --seed 0 --force
+cd demo
+../.venv/bin/retina-trainer search ../examples/hyperparams.json ../examples/hyperranges.json --data-root data
+echo "Runs are in $(pwd)/mlflow.db: compare them with  cd demo && ../.venv/bin/mlflow ui"

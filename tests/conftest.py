@@ -1,0 +1,79 @@
+"""Shared fixtures: the seed README's keys, a synthetic recording, a real MLflow server on localhost."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED_README = ROOT.parent / "shared" / "seed" / "torchdeepretina-training-readme.md"
+
+# Small shapes: every test trains in seconds on 2 CPU cores.
+SMALL = {"img_shape": [10, 12, 12], "chans": [4, 4], "ksizes": [5, 3, 3], "batch_size": 128}
+
+
+@pytest.fixture(scope="session")
+def seed_readme_keys() -> list[str]:
+    if not SEED_README.exists():
+        pytest.skip(f"seed README not present at {SEED_README}")
+    return re.findall(r"^\* `(\w+)`:", SEED_README.read_text(), flags=re.M)
+
+
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """A data root holding synth01/whitenoise.h5: 3 cells, 12x12 frames, a short recording."""
+    from trainer.data.synth import write_synthetic
+
+    root = tmp_path_factory.mktemp("data")
+    write_synthetic(root, "synth01", "whitenoise", n_cells=3, size=12, train_frames=3000, test_frames=600,
+                    n_repeats=4, history=10, seed=0)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, proxied artifacts) on localhost for the whole test session."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = _free_port()
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+           "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    log = open(folder / "server.log", "w")
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while True:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    log.close()

@@ -1,0 +1,27 @@
+"""The README stays true to the CLI: its hyperparameter table is the CLI's, its commands exist."""
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from trainer.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_hyperparameter_table_matches_the_cli():
+    text = README.read_text()
+    table = text.split("<!-- params:start")[1].split("-->", 1)[1].split("<!-- params:end -->")[0]
+    out = CliRunner().invoke(main, ["params", "--markdown"]).output
+    assert table.strip() == out.strip()
+
+
+def test_commands_in_the_readme_exist():
+    runner = CliRunner()
+    for args in (["search", "--help"], ["expand", "--help"], ["params", "--help"], ["data", "synth", "--help"],
+                 ["data", "check", "--help"]):
+        res = runner.invoke(main, args)
+        assert res.exit_code == 0, (args, res.output)
+    for option in ("--data-root", "--no-progress"):
+        assert option in runner.invoke(main, ["search", "--help"]).output
+        assert option in README.read_text()

@@ -1,0 +1,150 @@
+"""The Trainer on a small synthetic recording: learning, checkpoints, early stopping, resume, named loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import SMALL
+
+from trainer import config
+from trainer.data.recording import load_data, recording_path
+from trainer.errors import UserError
+from trainer.launch.local import seed_everything
+from trainer.models import build_model
+from trainer.training import checkpoint
+from trainer.training.trainer import Trainer
+
+
+class ListReporter:
+    def __init__(self):
+        self.epochs, self.checkpoints = [], []
+
+    def epoch(self, epoch, metrics):
+        self.epochs.append((epoch, dict(metrics)))
+
+    def checkpoint(self, path, name):
+        self.checkpoints.append((path.name, name))
+
+
+@pytest.fixture(scope="module")
+def bundle(data_root):
+    return load_data(recording_path(data_root, "synth01", "whitenoise"), img_shape=SMALL["img_shape"])
+
+
+def make(bundle, tmp_path, reporter=None, **overrides):
+    cfg = config.resolve({**SMALL, "n_epochs": 3, "lr": 0.01, **overrides})
+    seed_everything(cfg["seed"])
+    model = build_model(cfg, bundle.n_cells)
+    return Trainer(model, bundle, cfg, tmp_path / "run", torch.device("cpu"), reporter=reporter)
+
+
+def test_loss_falls_and_correlation_rises(bundle, tmp_path):
+    rep = ListReporter()
+    result = make(bundle, tmp_path, rep, n_epochs=6, early_stopping=0).fit()
+    losses = [m["train_loss"] for _, m in rep.epochs]
+    assert [e for e, _ in rep.epochs] == [1, 2, 3, 4, 5, 6]
+    assert losses[-1] < losses[0]
+    assert result.best_val_pearson > 0.3  # the synthetic cells are predictable from the stimulus
+    last = rep.epochs[-1][1]
+    for key in ("val_loss", "val_pearson", "test_pearson", "test_loss", "lr", "epoch_seconds", "samples_per_s"):
+        assert math.isfinite(last[key])
+    assert {f"val_pearson_cell{c}" for c in bundle.cell_ids} <= set(last)
+    assert last["val_pearson"] == pytest.approx(
+        sum(last[f"val_pearson_cell{c}"] for c in bundle.cell_ids) / bundle.n_cells)
+
+
+def test_checkpoints_latest_only_by_default_and_best_always(bundle, tmp_path):
+    rep = ListReporter()
+    make(bundle, tmp_path, rep, n_epochs=3, early_stopping=0).fit()
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("epoch_*.pt")) == ["epoch_0003.pt"]
+    best = checkpoint.load(run / "best.pt")
+    assert best["epoch"] == best["best_epoch"]
+    state = checkpoint.load(run / "epoch_0003.pt")
+    for key in ("model", "optimizer", "config", "norm", "cell_ids", "history", "metrics"):
+        assert key in state
+    assert state["norm"] == {"mean": bundle.stim_mean, "std": bundle.stim_std}
+    assert [n for _, n in rep.checkpoints].count("latest.pt") == 3
+
+
+def test_save_every_epoch_keeps_every_epoch(bundle, tmp_path):
+    rep = ListReporter()
+    make(bundle, tmp_path, rep, n_epochs=3, early_stopping=0, save_every_epoch=True).fit()
+    assert sorted(p.name for p in (tmp_path / "run").glob("epoch_*.pt")) == [
+        "epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt"]
+    assert {"epoch_0001.pt", "epoch_0002.pt", "epoch_0003.pt"} <= {n for _, n in rep.checkpoints}
+
+
+def test_early_stopping_ends_before_n_epochs(bundle, tmp_path):
+    # lr so small nothing improves after the first epoch's score is set: patience 1 stops at epoch 2 or so
+    rep = ListReporter()
+    result = make(bundle, tmp_path, rep, n_epochs=20, early_stopping=1, lr=1e-9, noise=0.0).fit()
+    assert result.stopped_early and result.epochs_run < 20
+    assert result.epochs_run - result.best_epoch == 1
+
+
+def test_exactly_n_epochs_without_early_stopping(bundle, tmp_path):
+    rep = ListReporter()
+    result = make(bundle, tmp_path, rep, n_epochs=4, early_stopping=0).fit()
+    assert result.epochs_run == 4 and len(rep.epochs) == 4 and not result.stopped_early
+
+
+def test_plateau_scheduler_watches_validation_r_in_max_mode(bundle, tmp_path):
+    t = make(bundle, tmp_path, n_epochs=1)
+    assert t.scheduler.mode == "max"
+    t2 = make(bundle, tmp_path, scheduler="MultiStepLR", scheduler_milestones=[1], scheduler_scale=0.1,
+              n_epochs=2, early_stopping=0)
+    rep = ListReporter()
+    t2.reporter = rep
+    t2.fit()
+    # lr is the rate each epoch trained with: milestone 1 decays it after epoch 1
+    assert [m["lr"] for _, m in rep.epochs] == [pytest.approx(0.01), pytest.approx(0.001)]
+
+
+def test_resume_continues_exactly(bundle, tmp_path):
+    """Training 2 epochs, then resuming for 2 more, gives the same weights as 4 epochs straight."""
+    straight = make(bundle, tmp_path / "a", n_epochs=4, early_stopping=0)
+    straight.fit()
+    first = make(bundle, tmp_path / "b", n_epochs=2, early_stopping=0)
+    first.fit()
+    state = checkpoint.load(tmp_path / "b" / "run" / "epoch_0002.pt")
+    second = make(bundle, tmp_path / "c", n_epochs=4, early_stopping=0)
+    rep = ListReporter()
+    second.reporter = rep
+    second.fit(resume=state)
+    assert [e for e, _ in rep.epochs] == [3, 4]
+    for (k, a), (_, b) in zip(straight.model.state_dict().items(), second.model.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_l1_penalty_adds_mean_abs_output_and_does_not_grow_with_batch_size(bundle, tmp_path):
+    plain = make(bundle, tmp_path, l1=0.0)
+    t = make(bundle, tmp_path, l1=0.5)
+    x, y = bundle.train.get(torch.arange(64))
+    out = t.model.eval()(x).detach()
+    assert (t.batch_loss(out, y) - plain.batch_loss(out, y)).item() == pytest.approx(0.5 * out.abs().mean().item())
+    doubled = t.batch_loss(torch.cat([out, out]), torch.cat([y, y]))
+    assert doubled.item() == pytest.approx(t.batch_loss(out, y).item())
+
+
+def test_log_poisson_changes_the_loss_on_the_same_outputs(bundle, tmp_path):
+    x, y = bundle.train.get(torch.arange(64))
+    out = torch.rand(64, bundle.n_cells) + 0.5
+    rate = make(bundle, tmp_path, log_poisson=False).batch_loss(out, y)
+    log = make(bundle, tmp_path, log_poisson=True).batch_loss(out, y)
+    assert log.item() == pytest.approx((out.exp() - y * out).mean().item(), rel=1e-5)
+    assert rate.item() == pytest.approx((out - y * torch.log(out + 1e-8)).mean().item(), rel=1e-5)
+
+
+def test_unknown_train_loop_lists_the_loops(bundle, tmp_path):
+    cfg = config.resolve({**SMALL, "train_loop": "nope"})
+    with pytest.raises(UserError, match="unknown train_loop 'nope': available: train_loop"):
+        Trainer(build_model(cfg, bundle.n_cells), bundle, cfg, tmp_path, torch.device("cpu"))
+
+
+def test_divergence_is_a_clear_error(bundle, tmp_path):
+    t = make(bundle, tmp_path, lossfxn="MSELoss", lr=1e12, bnorm=False, softplus=False)
+    with pytest.raises(UserError, match="lower lr"):
+        t.fit()

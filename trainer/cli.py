@@ -1,0 +1,157 @@
+"""The `retina-trainer` command line: thin commands that parse, call and print.
+
+Errors a user can cause are printed as one line (`error: ...`) with exit status 1, never a traceback. Commands
+that do not train (`expand`, `params`) import neither torch nor mlflow, so they start fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from trainer import __version__, config
+from trainer.errors import UserError
+
+
+class Main(click.Group):
+    """The top-level group: lazy-loads the heavy `data` commands and turns UserError into one clear line."""
+
+    lazy = {"data": ("trainer.data.commands", "data")}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            import importlib
+
+            module, attr = self.lazy[name]
+            return getattr(importlib.import_module(module), attr)
+        return super().get_command(ctx, name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="retina-trainer")
+def main() -> None:
+    """Train CNN models of retinal ganglion cells on h5 recordings; every run is logged to MLflow.
+
+    \b
+    A search is hyperparams.json (every setting of a run) plus hyperranges.json (values to search over):
+      retina-trainer data synth ~/experiments/data           # a synthetic recording to try things on
+      retina-trainer expand hyperparams.json hyperranges.json  # what would run
+      retina-trainer search hyperparams.json hyperranges.json  # train and log every run
+      mlflow ui                                              # compare the runs
+    """
+
+
+def _warn(warnings: Any) -> None:
+    for w in warnings:
+        click.echo(f"warning: {w}", err=True)
+
+
+@main.command()
+@click.argument("hyperparams", type=click.Path(dir_okay=False))
+@click.argument("hyperranges", type=click.Path(dir_okay=False), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print the expanded runs as JSON (for machines).")
+def expand(hyperparams: str, hyperranges: str | None, as_json: bool) -> None:
+    """List the runs a search would train, in order: run N is the same run on every machine.
+
+    The order is the Cartesian product of the ranges in file order (first key outermost), each combination
+    repeated n_repeats times. Nothing is trained; torch and mlflow are not imported.
+    """
+    from trainer.search import expand as do_expand
+
+    s = do_expand(hyperparams, hyperranges)
+    _warn(s.warnings)
+    if as_json:
+        click.echo(json.dumps(s.to_dict(), indent=2))
+        return
+    from trainer.search import short_value
+
+    keys = list(s.searched_keys)
+    header = ["run", "config_id", "seed"] + keys + ["name"]
+    rows = [[str(r.index), r.config_id, str(r.seed)] + [short_value(r.searched[k]) for k in keys] + [r.name]
+            for r in s.runs]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    click.echo(f"search {s.search_id}: {len(s.runs)} runs in experiment '{s.exp_name}'")
+    for row in [header, *rows]:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+@main.command()
+@click.argument("hyperparams", type=click.Path(dir_okay=False))
+@click.argument("hyperranges", type=click.Path(dir_okay=False), required=False)
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Folder holding <dataset>/<stim_type>.h5; overrides data_root in hyperparams.json and "
+                   "$RETINA_DATA_ROOT (default ~/experiments/data).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per run.")
+def search(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool) -> None:
+    """Train every run of a search and log each to MLflow as a child of one search run.
+
+    Logs to $MLFLOW_TRACKING_URI when set, else to the embedded store in the working directory (open it with
+    `mlflow ui`). Runs already FINISHED with the same configuration are skipped; an interrupted run resumes from
+    its latest checkpoint. Exits 1 if any run failed.
+    """
+    from trainer.search import expand as do_expand
+
+    s = do_expand(hyperparams, hyperranges)
+    _warn(s.warnings)
+    files = {"hyperparams.json": config.read_json(hyperparams, "hyperparams")}
+    if hyperranges:
+        files["hyperranges.json"] = config.read_json(hyperranges, "hyperranges")
+
+    from trainer.launch.local import run_search, summary_table
+
+    outcome = run_search(s, data_root=data_root, echo=lambda m: click.echo(m, err=True), progress=progress,
+                         files=files)
+    click.echo(summary_table(outcome))
+    click.echo(f"parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
+    if outcome.failed:
+        raise UserError(f"{len(outcome.failed)} of {len(outcome.runs)} runs did not finish: "
+                        + ", ".join(f"run {r.spec.index} ({r.error or r.status})" for r in outcome.failed))
+
+
+@main.command()
+@click.option("--markdown", is_flag=True, help="Print a Markdown table (the README's reference is made with it).")
+def params(markdown: bool) -> None:
+    """List every hyperparameter: name, type, default and what it does."""
+    if markdown:
+        click.echo("| key | type | default | what it does | differs from the original |")
+        click.echo("|---|---|---|---|---|")
+    section = None
+    for p in config.SCHEMA:
+        default = json.dumps(p.default)
+        what = p.help + (f" One of: {', '.join(p.choices)}." if p.choices else "")
+        if markdown:
+            click.echo(f"| `{p.name}` | {p.kind} | `{default}` | {what} | {p.original} |")
+            continue
+        if p.section != section:
+            section = p.section
+            click.echo(f"\n[{section}]")
+        click.echo(f"  {p.name} ({p.kind}, default {default})\n      {what}")
+    if not markdown:
+        aliases = ", ".join(f"{a} (= {b})" for a, b in config.ALIASES.items())
+        click.echo(f"\nAccepted from the original trainer: {aliases}; ignored with a warning: "
+                   f"{', '.join(config.IGNORED_LEGACY)}.")
+
+
+def seed_form(argv: list[str]) -> list[str]:
+    """Accept the original's `python -m trainer hyperparams.json [hyperranges.json]` as the `search` command."""
+    if argv and argv[0].endswith(".json"):
+        return ["search", *argv]
+    return argv
+
+
+def run() -> None:
+    """Entry point for `python -m trainer`."""
+    main(args=seed_form(sys.argv[1:]), prog_name="retina-trainer")

@@ -1,0 +1,551 @@
+"""Read, check and window recordings stored in the published h5 layout.
+
+A recording is `<data root>/<dataset>/<stim_type>.h5` with groups `train` and `test`, each holding
+`stimulus` (T, H, W), `time` (T,) and `response/firing_rate_10ms` (n_cells, T). Sample k of a split is the
+window of frames s..s+h-1 (oldest first, frames as channels) and its target is the rate at frame s+h.
+The windows are never built: a WindowSet holds the frames once and gathers a batch of windows on demand.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+from trainer.errors import ConfigError, DataError
+
+DATA_ROOT_ENV = "RETINA_DATA_ROOT"
+DEFAULT_DATA_ROOT = "~/experiments/data"
+RATES = "response/firing_rate_10ms"
+BIN_S = 0.01  # one time bin is 10 ms; used when `time` cannot tell
+CHUNK_VALUES = 1 << 24  # stimulus values per chunk when scanning (16 M: ~128 MB as float64)
+
+# torch cannot index these unsigned types, so they are widened (without loss) when loaded into memory
+_WIDEN = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.float64,
+          np.dtype(np.bool_): np.uint8}
+
+
+def resolve_data_root(root: str | None) -> Path:
+    """The data root: the explicit argument, else $RETINA_DATA_ROOT, else ~/experiments/data."""
+    root = root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
+    return Path(root).expanduser()
+
+
+def recording_path(data_root: str | Path, dataset: str, stim_type: str) -> Path:
+    """Where a recording lives: <root>/<dataset>/<stim_type>.h5."""
+    return Path(data_root).expanduser() / dataset / f"{stim_type}.h5"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# windows
+
+
+class WindowSet:
+    """Samples of a stimulus held once: sample k = frames s..s+h-1 (oldest first, frames as channels),
+    target = rates[s+h], s = starts[k]."""
+
+    def __init__(self, stimulus: torch.Tensor, rates: torch.Tensor, starts: torch.Tensor, history: int,
+                 mean: float, std: float):
+        if stimulus.ndim != 3 or rates.ndim != 2 or rates.shape[0] != stimulus.shape[0]:
+            raise ValueError(f"need stimulus (T, H, W) and rates (T, n_cells); got {tuple(stimulus.shape)} "
+                             f"and {tuple(rates.shape)}")
+        starts = starts.to(device=stimulus.device, dtype=torch.int64)
+        if starts.numel() and (int(starts.min()) < 0 or int(starts.max()) + history >= stimulus.shape[0]):
+            raise ValueError(f"window starts must lie in [0, {stimulus.shape[0] - history}) "
+                             f"for history {history}")
+        self.stimulus = stimulus  # (T, H, W) in the stored dtype, shared between WindowSets of one split
+        self.rates = rates  # (T, n_cells) float32
+        self.starts = starts  # (N,) int64
+        self.history = int(history)
+        self.mean = float(mean)
+        self.std = float(std)
+        self._offsets = torch.arange(self.history, device=stimulus.device)
+
+    def __len__(self) -> int:
+        return self.starts.numel()
+
+    @property
+    def n_cells(self) -> int:
+        """Number of cells (columns of the targets)."""
+        return self.rates.shape[1]
+
+    @property
+    def targets(self) -> torch.Tensor:
+        """Rates at the target frames, in sample order: (N, n_cells)."""
+        return self.rates[self.starts + self.history]
+
+    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gather the samples at positions `idx`: x (B, h, H, W) float32 z-scored, y (B, n_cells) float32."""
+        s = self.starts[torch.as_tensor(idx, device=self.starts.device)]
+        frames = (s[:, None] + self._offsets).reshape(-1)  # only this batch's frames are copied
+        x = self.stimulus.index_select(0, frames).view(len(s), self.history, *self.stimulus.shape[1:])
+        x = x.float().sub_(self.mean).div_(self.std)  # in place: one float32 copy of the batch
+        return x, self.rates[s + self.history]
+
+    def batches(self, batch_size: int, shuffle: bool = False,
+                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x, y) batches covering each sample once; shuffle reorders samples, not a window's frames."""
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+        n = len(self)
+        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+        order = order.to(self.starts.device)
+        for i in range(0, n, batch_size):
+            yield self.get(order[i:i + batch_size])
+
+    def to(self, device: str | torch.device) -> WindowSet:
+        """This WindowSet on `device` (moving two WindowSets separately copies a shared stimulus twice)."""
+        return WindowSet(self.stimulus.to(device), self.rates.to(device), self.starts.to(device),
+                         self.history, self.mean, self.std)
+
+
+@dataclass
+class DataBundle:
+    """A loaded recording: train/val/test windows, the chosen cells and the stimulus normalisation."""
+
+    train: WindowSet
+    val: WindowSet
+    test: WindowSet
+    n_cells: int
+    cell_ids: list[int]  # row indices into the file's response arrays
+    img_shape: tuple[int, int, int]  # (history, H, W)
+    stim_mean: float  # training statistics, saved with the model
+    stim_std: float
+    path: Path
+    test_repeats: np.ndarray | None  # (n_repeats, n_test_samples, n_cells) aligned with test samples, or None
+
+    def norm_stats(self) -> dict:
+        """The stimulus normalisation, to save with a model so it sees new stimuli the way it was trained."""
+        return {"mean": self.stim_mean, "std": self.stim_std}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# reading and checking
+
+
+@dataclass
+class _Split:
+    """One group (`train` or `test`) whose shapes were checked without reading the big arrays."""
+
+    name: str
+    stimulus: h5py.Dataset
+    rates: h5py.Dataset
+    time: h5py.Dataset
+    n_frames: int
+    frame_shape: tuple[int, int]
+    n_cells: int
+
+
+@contextmanager
+def _open_h5(path: Path) -> Iterator[h5py.File]:
+    """Open a recording read-only, turning a missing, unreadable or corrupt file into a DataError."""
+    if not path.exists():
+        raise DataError(f"{path}: recording not found; check the data root, dataset and stim_type "
+                        f"(recordings live at <data root>/<dataset>/<stim_type>.h5)")
+    if not path.is_file():
+        raise DataError(f"{path}: is a folder, not an h5 file; point to a <stim_type>.h5 file")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise DataError(f"{path}: not a readable HDF5 file ({_first_line(e)}); point to an .h5 recording "
+                        f"in the published layout") from e
+    try:
+        with f:
+            yield f
+    except OSError as e:  # a damaged data block only shows up when it is read
+        raise DataError(f"{path}: could not read the file ({_first_line(e)}); it may be truncated or "
+                        f"corrupt, copy it again") from e
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _node(f: h5py.File, key: str, path: Path, kind: type) -> h5py.Dataset | h5py.Group:
+    """The group or dataset at `key`, or a DataError naming the missing h5 path."""
+    what = "group" if kind is h5py.Group else "dataset"
+    try:
+        node = f.get(key)
+    except (KeyError, OSError, RuntimeError) as e:  # e.g. a dangling link
+        raise DataError(f"{path}: h5 {what} '{key}' cannot be read ({_first_line(e)}); "
+                        f"rewrite the file") from e
+    if node is None:
+        raise DataError(f"{path}: h5 {what} '{key}' is missing; the published layout needs train/ and test/ "
+                        f"groups with stimulus, time and {RATES}")
+    if not isinstance(node, kind):
+        raise DataError(f"{path}: h5 path '{key}' is not a {what}; the published layout needs it to be one")
+    return node
+
+
+def _inspect_split(f: h5py.File, name: str, path: Path) -> _Split:
+    """Check the shapes and dtypes of one group against the published layout."""
+    _node(f, name, path, h5py.Group)
+    stim = _node(f, f"{name}/stimulus", path, h5py.Dataset)
+    rates = _node(f, f"{name}/{RATES}", path, h5py.Dataset)
+    time = _node(f, f"{name}/time", path, h5py.Dataset)
+    if stim.ndim != 3:
+        raise DataError(f"{path}: h5 dataset '{name}/stimulus' has shape {stim.shape} but must be 3-D "
+                        f"(frames, height, width)")
+    if stim.dtype.kind not in "uifb":
+        raise DataError(f"{path}: h5 dataset '{name}/stimulus' has dtype {stim.dtype}; store real numbers "
+                        f"(uint8 in published files)")
+    if stim.shape[1] < 1 or stim.shape[2] < 1:
+        raise DataError(f"{path}: h5 dataset '{name}/stimulus' has empty frames (shape {stim.shape})")
+    n_frames = stim.shape[0]
+    if rates.ndim != 2 or rates.dtype.kind not in "uif":
+        raise DataError(f"{path}: h5 dataset '{name}/{RATES}' has shape {rates.shape} and dtype "
+                        f"{rates.dtype}; it must be real numbers of shape (n_cells, T)")
+    if rates.shape[1] != n_frames:
+        hint = "; it looks transposed, store it as (n_cells, T)" if rates.shape[0] == n_frames else ""
+        raise DataError(f"{path}: '{name}/stimulus' has {n_frames} frames but '{name}/{RATES}' has "
+                        f"{rates.shape[1]} time bins (shape {rates.shape}, expected (n_cells, {n_frames}))"
+                        f"{hint or '; store one rate per frame'}")
+    if time.ndim != 1 or time.shape[0] != n_frames or time.dtype.kind not in "uif":
+        raise DataError(f"{path}: '{name}/stimulus' has {n_frames} frames but '{name}/time' has shape "
+                        f"{time.shape} ({time.dtype}); it must be ({n_frames},) seconds")
+    binned = f.get(f"{name}/response/binned")
+    if isinstance(binned, h5py.Dataset) and binned.shape != rates.shape:
+        raise DataError(f"{path}: '{name}/response/binned' has shape {binned.shape} but '{name}/{RATES}' has "
+                        f"{rates.shape}; they must match")
+    if rates.shape[0] < 1:
+        raise DataError(f"{path}: '{name}/{RATES}' has no cells (shape {rates.shape})")
+    return _Split(name, stim, rates, time, n_frames, (stim.shape[1], stim.shape[2]), rates.shape[0])
+
+
+def _inspect(f: h5py.File, path: Path) -> tuple[_Split, _Split]:
+    """Check both groups and that they describe the same cells and frame size."""
+    train, test = _inspect_split(f, "train", path), _inspect_split(f, "test", path)
+    if train.n_cells != test.n_cells:
+        raise DataError(f"{path}: train has {train.n_cells} cells but test has {test.n_cells} "
+                        f"(rows of {RATES}); both must record the same cells")
+    if train.frame_shape != test.frame_shape:
+        raise DataError(f"{path}: train frames are {_hw(train.frame_shape)} but test frames are "
+                        f"{_hw(test.frame_shape)}; both must have the same size")
+    return train, test
+
+
+def _hw(shape: Sequence[int]) -> str:
+    return f"{shape[0]}x{shape[1]}"
+
+
+def _read_rates(split: _Split, path: Path, rows: list[int] | None = None) -> np.ndarray:
+    """The (n_cells, T) float64 rates of the chosen rows, checked to be finite and non-negative."""
+    rates = np.asarray(split.rates[()], dtype=np.float64)
+    if rows is not None:
+        rates = rates[rows]
+    where = f"{path}: h5 dataset '{split.name}/{RATES}'"
+    bad = ~np.isfinite(rates)
+    if bad.any():
+        i, t = np.argwhere(bad)[0]
+        raise DataError(f"{where} has {int(bad.sum())} NaN/inf values (first at row "
+                        f"{rows[i] if rows else i}, bin {t}); fix or drop those bins")
+    if (rates < 0).any():
+        i, t = np.argwhere(rates < 0)[0]
+        raise DataError(f"{where} has negative firing rates (first {rates[i, t]:g} at row "
+                        f"{rows[i] if rows else i}, bin {t}); rates must be >= 0 Hz")
+    return rates
+
+
+def _chunks(stim: np.ndarray | h5py.Dataset, start: int, stop: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first frame, frames) chunks of about CHUNK_VALUES values, so long files are never read at once."""
+    step = max(1, CHUNK_VALUES // max(1, stim.shape[1] * stim.shape[2]))
+    for i in range(start, stop, step):
+        yield i, np.asarray(stim[i:min(i + step, stop)])
+
+
+def _check_finite(stim: np.ndarray | h5py.Dataset, path: Path, where: str, start: int = 0) -> None:
+    """Raise a DataError if any frame from `start` on holds NaN or inf (integer frames cannot)."""
+    if stim.dtype.kind != "f":
+        return
+    for i, frames in _chunks(stim, start, stim.shape[0]):
+        _finite_or_raise(frames, i, path, where)
+
+
+def _finite_or_raise(frames: np.ndarray, first: int, path: Path, where: str) -> None:
+    if frames.dtype.kind == "f" and not np.isfinite(frames).all():
+        t = first + int(np.argwhere(~np.isfinite(frames))[0][0])
+        raise DataError(f"{path}: h5 dataset '{where}' has NaN/inf values (first in frame {t}); "
+                        f"fix the stimulus")
+
+
+def _stimulus_stats(stim: np.ndarray | h5py.Dataset, path: Path, where: str, stop: int | None = None) -> dict:
+    """Mean, std (population), min and max of frames [0, stop), read in chunks, in float64."""
+    stop = stim.shape[0] if stop is None else stop
+    if stim.dtype == np.uint8:  # exact and fast: a 256-bin histogram
+        counts = np.zeros(256, dtype=np.int64)
+        for _, frames in _chunks(stim, 0, stop):
+            counts += np.bincount(frames.ravel(), minlength=256)
+        values = np.arange(256, dtype=np.float64)
+        n = counts.sum()
+        mean = float((counts * values).sum() / n)
+        var = float((counts * (values - mean) ** 2).sum() / n)
+        present = np.flatnonzero(counts)
+        return {"mean": mean, "std": math.sqrt(var), "min": float(present[0]), "max": float(present[-1])}
+    n, mean, m2, lo, hi = 0, 0.0, 0.0, math.inf, -math.inf
+    for i, frames in _chunks(stim, 0, stop):  # merge per-chunk moments (Chan et al.) to stay accurate
+        _finite_or_raise(frames, i, path, where)
+        x = frames.astype(np.float64).ravel()
+        nb, mb = x.size, float(x.mean())
+        m2b = float(((x - mb) ** 2).sum())
+        delta, total = mb - mean, n + nb
+        mean += delta * nb / total
+        m2 += m2b + delta * delta * n * nb / total
+        n = total
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    return {"mean": mean, "std": math.sqrt(m2 / n), "min": lo, "max": hi}
+
+
+def _repeat_datasets(f: h5py.File, path: Path, n_frames: int) -> dict[int, h5py.Dataset]:
+    """The test/repeats/cellNN datasets by row index (cell01 is row 0), checked to be (n_repeats, T_test)."""
+    group = f.get("test/repeats")
+    if not isinstance(group, h5py.Group):
+        return {}
+    found = {}
+    for name, ds in group.items():
+        if not (name.startswith("cell") and name[4:].isdigit() and isinstance(ds, h5py.Dataset)):
+            continue
+        if ds.ndim != 2 or ds.shape[1] != n_frames:
+            raise DataError(f"{path}: h5 dataset 'test/repeats/{name}' has shape {ds.shape} but must be "
+                            f"(n_repeats, {n_frames}) to match test/stimulus")
+        found[int(name[4:]) - 1] = ds
+    n_repeats = {ds.shape[0] for ds in found.values()}
+    if len(n_repeats) > 1:
+        raise DataError(f"{path}: the datasets under 'test/repeats' have different numbers of repeats "
+                        f"{sorted(n_repeats)}; store the same repeats for every cell")
+    return found
+
+
+def _read_repeats(f: h5py.File, path: Path, n_frames: int, cell_ids: list[int],
+                  history: int) -> np.ndarray | None:
+    """Repeats of the chosen cells, (n_repeats, n_test_samples, n_cells) aligned with the targets, or None."""
+    found = _repeat_datasets(f, path, n_frames)
+    if not all(c in found for c in cell_ids):
+        return None
+    cols = []
+    for c in cell_ids:
+        rep = np.asarray(found[c][()], dtype=np.float64)
+        if not np.isfinite(rep).all():
+            raise DataError(f"{path}: h5 dataset 'test/repeats/cell{c + 1:02d}' has NaN/inf values; fix it "
+                            f"or remove the repeats group")
+        cols.append(rep[:, history:])  # target of test sample k is bin k + history
+    return np.stack(cols, axis=-1)
+
+
+def _split_sizes(n_frames: int, history: int, val_frac: float) -> tuple[int, int, int]:
+    """(n_train, gap, n_val) samples for a train group of n_frames; n_train < 1 when it is too short."""
+    n = n_frames - history
+    n_val = max(1, int(val_frac * n + 0.5))
+    gap = history  # train sample s uses frames s..s+h; the first val sample must start after n_train - 1 + h
+    return n - gap - n_val, gap, n_val
+
+
+def _frames_needed(history: int, val_frac: float) -> int:
+    """The fewest train frames that give at least one train sample, the gap and one validation sample."""
+    n_frames = 2 * history + 2  # the split grows by at most one train sample per extra frame, so walk up
+    while _split_sizes(n_frames, history, val_frac)[0] < 1:
+        n_frames += 1
+    return n_frames
+
+
+def _plan(train: _Split, test: _Split, history: int, val_frac: float,
+          path: Path) -> tuple[int, int, int, int]:
+    """(n_train, gap, n_val, n_test) samples, or a DataError when a split is too short for the history."""
+    n_train, gap, n_val = _split_sizes(train.n_frames, history, val_frac)
+    if n_train < 1:
+        raise DataError(f"{path}: train has {train.n_frames} frames but history {history} with val_frac "
+                        f"{val_frac} needs at least {_frames_needed(history, val_frac)} frames (one train "
+                        f"sample, a gap of {history} and validation); use a longer recording or lower "
+                        f"history/val_frac")
+    n_test = test.n_frames - history
+    if n_test < 1:
+        raise DataError(f"{path}: test has {test.n_frames} frames, shorter than one window (history "
+                        f"{history} + 1 target = {history + 1} frames); use a longer test recording or lower "
+                        f"history")
+    return n_train, gap, n_val, n_test
+
+
+def _check_params(history: int, val_frac: float) -> None:
+    if not (isinstance(history, (int, np.integer)) and not isinstance(history, bool) and history >= 1):
+        raise ConfigError(f"history (img_shape[0]) must be a positive integer, got {history!r}")
+    if not (isinstance(val_frac, (int, float)) and 0 < val_frac < 1):
+        raise ConfigError(f"val_frac must be between 0 and 1 (exclusive), got {val_frac!r}")
+
+
+def _img_shape(img_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(img_shape) if isinstance(img_shape, (list, tuple, np.ndarray)) else ()
+    if len(shape) != 3 or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0
+                                  for v in shape):
+        raise ConfigError(f"img_shape must be three positive integers [history, height, width], "
+                          f"got {img_shape!r}")
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def _cell_ids(cells: str | list[int], n_cells: int, path: Path) -> list[int]:
+    """Row indices for `cells` ("all" or a list of indices), checked against the file's cells."""
+    if isinstance(cells, str) and cells == "all":
+        return list(range(n_cells))
+    if isinstance(cells, np.ndarray):
+        cells = cells.tolist()
+    if isinstance(cells, str) or not isinstance(cells, Sequence) or not cells or \
+            not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in cells):
+        raise ConfigError(f"cells must be \"all\" or a non-empty list of row indices, got {cells!r}")
+    ids = [int(c) for c in cells]
+    bad = [c for c in ids if not 0 <= c < n_cells]
+    if bad:
+        raise DataError(f"{path}: cells {bad} out of range; this recording has {n_cells} cells, valid "
+                        f"indices are 0..{n_cells - 1}")
+    dup = sorted({c for c in ids if ids.count(c) > 1})
+    if dup:
+        raise DataError(f"{path}: cells {dup} listed more than once; list each row index "
+                        f"(0..{n_cells - 1}) once")
+    return ids
+
+
+def _to_memory(stim: h5py.Dataset) -> np.ndarray:
+    """All frames in the stored dtype (widened only where torch cannot index the type)."""
+    frames = stim[()]
+    if not frames.dtype.isnative:  # torch reads native byte order only
+        frames = frames.astype(frames.dtype.newbyteorder("="))
+    return frames.astype(_WIDEN[frames.dtype]) if frames.dtype in _WIDEN else frames
+
+
+def _check_fit(f: h5py.File, path: Path, cells: str | list[int], img_shape: Sequence[int],
+               val_frac: float) -> tuple[_Split, _Split, tuple[int, int, int, int], list[int]]:
+    """Every check of a recording against run settings that needs only shapes: splits, sizes, cells."""
+    history, height, width = _img_shape(img_shape)
+    _check_params(history, val_frac)
+    train, test = _inspect(f, path)
+    if train.frame_shape != (height, width):
+        raise DataError(f"{path}: frames are {_hw(train.frame_shape)} but img_shape is "
+                        f"{[history, height, width]}; set img_shape to {[history, *train.frame_shape]}")
+    plan = _plan(train, test, history, val_frac, path)
+    return train, test, plan, _cell_ids(cells, train.n_cells, path)
+
+
+def preflight(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
+              val_frac: float = 0.1) -> int:
+    """Check a recording fits a run's settings without reading its arrays; returns the number of cells used."""
+    path = Path(path).expanduser()
+    with _open_h5(path) as f:
+        return len(_check_fit(f, path, cells, img_shape, val_frac)[3])
+
+
+def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
+              val_frac: float = 0.1, device: str | torch.device = "cpu") -> DataBundle:
+    """Load a recording as train/val/test WindowSets; validation is the last stretch of train, after a gap."""
+    path = Path(path).expanduser()
+    history, height, width = _img_shape(img_shape)
+    with _open_h5(path) as f:
+        train, test, (n_train, gap, n_val, n_test), cell_ids = _check_fit(f, path, cells, img_shape, val_frac)
+        train_rates = _read_rates(train, path, cell_ids)
+        test_rates = _read_rates(test, path, cell_ids)
+        train_stim, test_stim = _to_memory(train.stimulus), _to_memory(test.stimulus)
+        repeats = _read_repeats(f, path, test.n_frames, cell_ids, history)
+
+    # normalise with the frames the training samples see: inputs of samples 0..n_train-1
+    stats = _stimulus_stats(train_stim, path, "train/stimulus", stop=n_train + history - 1)
+    _check_finite(train_stim, path, "train/stimulus", start=n_train + history - 1)
+    _check_finite(test_stim, path, "test/stimulus")
+    if stats["std"] == 0 or not math.isfinite(stats["std"]):
+        raise DataError(f"{path}: the training frames of 'train/stimulus' are constant (value "
+                        f"{stats['mean']:g}); a constant stimulus cannot drive a model, check the file")
+    mean, std = stats["mean"], stats["std"]
+
+    def tensors(stim: np.ndarray, rates: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        rates_t = torch.from_numpy(np.ascontiguousarray(rates.T, dtype=np.float32))
+        return torch.from_numpy(stim).to(device), rates_t.to(device)
+
+    stim_t, rates_t = tensors(train_stim, train_rates)
+    test_stim_t, test_rates_t = tensors(test_stim, test_rates)
+    val_start = n_train + gap
+    return DataBundle(
+        train=WindowSet(stim_t, rates_t, torch.arange(n_train), history, mean, std),
+        val=WindowSet(stim_t, rates_t, torch.arange(val_start, val_start + n_val), history, mean, std),
+        test=WindowSet(test_stim_t, test_rates_t, torch.arange(n_test), history, mean, std),
+        n_cells=len(cell_ids), cell_ids=cell_ids, img_shape=(history, height, width),
+        stim_mean=mean, stim_std=std, path=path, test_repeats=repeats,
+    )
+
+
+def _duration(time: h5py.Dataset, n_frames: int) -> tuple[float, float]:
+    """(duration in s, bin in s) from the first and last time stamps, or 10 ms bins if they are unusable."""
+    dt = BIN_S
+    if n_frames >= 2:
+        t0, t1 = float(time[0]), float(time[n_frames - 1])
+        if math.isfinite(t1 - t0) and t1 > t0:
+            dt = (t1 - t0) / (n_frames - 1)
+    return n_frames * dt, dt
+
+
+def check_recording(path: str | Path, *, history: int = 40, val_frac: float = 0.1) -> dict:
+    """Validate a recording the way load_data would (all cells) and summarise it; DataError on any problem."""
+    path = Path(path).expanduser()
+    _check_params(history, val_frac)
+    with _open_h5(path) as f:
+        train, test = _inspect(f, path)
+        n_train, gap, n_val, n_test = _plan(train, test, history, val_frac, path)
+        train_rates = _read_rates(train, path)
+        _read_rates(test, path)
+        repeats = _repeat_datasets(f, path, test.n_frames)
+        stats = _stimulus_stats(train.stimulus, path, "train/stimulus")
+        _check_finite(test.stimulus, path, "test/stimulus")
+        train_s, bin_s = _duration(train.time, train.n_frames)
+        test_s, _ = _duration(test.time, test.n_frames)
+        dtype = str(train.stimulus.dtype)
+    if stats["std"] == 0:
+        raise DataError(f"{path}: 'train/stimulus' is constant (value {stats['mean']:g}); a constant "
+                        f"stimulus cannot drive a model, check the file")
+    return {
+        "path": str(path),
+        "n_cells": train.n_cells,
+        "frame_size": train.frame_shape,
+        "stimulus_dtype": dtype,
+        "train_frames": train.n_frames,
+        "test_frames": test.n_frames,
+        "train_duration_s": train_s,
+        "test_duration_s": test_s,
+        "bin_s": bin_s,
+        "stimulus_mean": stats["mean"],
+        "stimulus_std": stats["std"],
+        "stimulus_min": stats["min"],
+        "stimulus_max": stats["max"],
+        "mean_rate_hz": train_rates.mean(axis=1).tolist(),
+        "n_test_repeats": next(iter(repeats.values())).shape[0] if repeats else 0,
+        "n_cells_with_repeats": len(repeats),
+        "history": history,
+        "val_frac": val_frac,
+        "train_samples": n_train,
+        "gap_samples": gap,
+        "val_samples": n_val,
+        "test_samples": n_test,
+    }
+
+
+def format_summary(summary: dict) -> str:
+    """A check_recording summary as aligned lines for `retina-trainer data check`."""
+    rates = ", ".join(f"{i}: {r:.2f}" for i, r in enumerate(summary["mean_rate_hz"]))
+    repeats = (f"{summary['n_test_repeats']} test repeats for {summary['n_cells_with_repeats']} of "
+               f"{summary['n_cells']} cells" if summary["n_test_repeats"] else "none")
+    lines = [
+        ("recording", summary["path"]),
+        ("cells", str(summary["n_cells"])),
+        ("frames", f"{_hw(summary['frame_size'])} {summary['stimulus_dtype']}, "
+                   f"bin {summary['bin_s'] * 1000:g} ms"),
+        ("train", f"{summary['train_frames']} frames ({summary['train_duration_s']:.1f} s)"),
+        ("test", f"{summary['test_frames']} frames ({summary['test_duration_s']:.1f} s)"),
+        ("stimulus", f"train mean {summary['stimulus_mean']:.4g}, std {summary['stimulus_std']:.4g}, "
+                     f"min {summary['stimulus_min']:g}, max {summary['stimulus_max']:g}"),
+        ("mean rate", f"train, Hz per cell: {rates}"),
+        ("repeats", repeats),
+        ("samples", f"history {summary['history']}, val_frac {summary['val_frac']:g}: "
+                    f"train {summary['train_samples']}, gap {summary['gap_samples']}, "
+                    f"val {summary['val_samples']}, test {summary['test_samples']}"),
+    ]
+    return "\n".join(f"{key:<10} {value}" for key, value in lines)

@@ -1,0 +1,176 @@
+"""MLflow: the only module that imports mlflow.
+
+A search is one parent run with one child run per expanded run. With no MLFLOW_TRACKING_URI, MLflow's default
+store is used: `sqlite:///mlflow.db` in the working directory, the same store `mlflow ui` opens there. Under
+`mlflow run`, the project's run (MLFLOW_RUN_ID) becomes the search's parent run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+from trainer.errors import UserError  # noqa: E402
+
+# Tags that identify what a run is; filters in the MLflow UI use them (e.g. tags.config_id = '...').
+ROLE, SEARCH_ID, CONFIG_ID, INDEX = "role", "search_id", "config_id", "run_index"
+PARENT_TAG, NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
+MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+
+
+@dataclass
+class PriorRun:
+    """A child run already in the experiment for some config id."""
+
+    run_id: str
+    status: str
+    metrics: dict[str, float]
+
+
+def _param_value(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class RunLog:
+    """Reports one child run's epochs and checkpoints to MLflow (implements the Trainer's Reporter)."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client = client
+        self.run_id = run_id
+
+    def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.log_metrics(metrics, step=epoch)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), MAX_BATCH):
+            self.client.log_batch(self.run_id, metrics=items[i:i + MAX_BATCH])
+
+    def checkpoint(self, path: Path, name: str) -> None:
+        """Upload a checkpoint file as checkpoints/<name> (a same-named upload replaces the previous one)."""
+        if path.name == name:
+            self.client.log_artifact(self.run_id, str(path), "checkpoints")
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            target = Path(tmp) / name
+            shutil.copyfile(path, target)
+            self.client.log_artifact(self.run_id, str(target), "checkpoints")
+
+    def logged_steps(self, key: str = "train_loss") -> set[int]:
+        """Epochs already logged for `key` (so a resumed run logs every epoch once)."""
+        return {m.step for m in self.client.get_metric_history(self.run_id, key)}
+
+    def download_checkpoint(self, name: str, dest: Path) -> Path | None:
+        """Fetch checkpoints/<name> of this run into `dest`, or None if the run has none."""
+        try:
+            names = {Path(f.path).name for f in self.client.list_artifacts(self.run_id, "checkpoints")}
+        except MlflowException:
+            return None
+        if name not in names:
+            return None
+        return Path(self.client.download_artifacts(self.run_id, f"checkpoints/{name}", str(dest)))
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def end(self, status: str) -> None:
+        """End the run FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(self.run_id, status)
+
+
+class Tracker:
+    """One experiment in one tracking store: parent runs for searches, child runs for their runs."""
+
+    def __init__(self, exp_name: str):
+        self.client = MlflowClient()
+        self.uri = mlflow.get_tracking_uri()
+        try:
+            exp = self.client.get_experiment_by_name(exp_name)
+            if exp is None:
+                self.experiment_id = self.client.create_experiment(exp_name)
+            elif exp.lifecycle_stage == "deleted":
+                raise UserError(f"MLflow experiment '{exp_name}' is deleted in {self.uri}; restore it "
+                                f"(mlflow experiments restore) or choose another exp_name")
+            else:
+                self.experiment_id = exp.experiment_id
+        except MlflowException as exc:
+            raise UserError(f"cannot reach the MLflow tracking store {self.uri}: {exc.message.splitlines()[0]}; "
+                            f"check MLFLOW_TRACKING_URI") from None
+
+    def _search(self, filter_string: str) -> list[Any]:
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string, max_results=1000, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def parent_run(self, search_id: str, exp_name: str, n_runs: int, searched_keys: list[str],
+                   files: dict[str, dict[str, Any]]) -> tuple[str, bool]:
+        """The search's parent run id, and whether this process owns (and so ends) it.
+
+        Under `mlflow run` the project's run is the parent (its params are the project's; never re-logged here).
+        Otherwise a rerun of the same search reuses its parent run, so the children stay together.
+        """
+        tags = {ROLE: "search", SEARCH_ID: search_id, "n_runs": str(n_runs),
+                "searched_keys": ",".join(searched_keys) or "(none)"}
+        env_run = os.environ.get("MLFLOW_RUN_ID")
+        if env_run:
+            self.client.log_batch(env_run, tags=[RunTag(k, v) for k, v in tags.items()])
+            return env_run, False
+        found = self._search(f"tags.{ROLE} = 'search' and tags.{SEARCH_ID} = '{search_id}'")
+        if found:
+            run_id = found[0].info.run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return run_id, True
+        run = self.client.create_run(self.experiment_id, run_name=f"{exp_name}-search-{search_id}", tags=tags)
+        for name, content in files.items():
+            self.client.log_dict(run.info.run_id, content, name)
+        return run.info.run_id, True
+
+    def prior_runs(self) -> dict[str, list[PriorRun]]:
+        """Child runs already in the experiment, by config id (newest first)."""
+        by_id: dict[str, list[PriorRun]] = {}
+        for r in self._search(f"tags.{ROLE} = 'run'"):
+            by_id.setdefault(r.data.tags.get(CONFIG_ID, ""), []).append(
+                PriorRun(r.info.run_id, r.info.status, dict(r.data.metrics)))
+        return by_id
+
+    def start_child(self, parent_id: str, search_id: str, index: int, name: str, config_id: str,
+                    cfg: dict[str, Any]) -> RunLog:
+        """Create a child run with the resolved hyperparameters as params and hyperparams.json as artifact."""
+        tags = {PARENT_TAG: parent_id, ROLE: "run", SEARCH_ID: search_id, CONFIG_ID: config_id,
+                INDEX: str(index)}
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
+        log = RunLog(self.client, run.info.run_id)
+        self.client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in cfg.items()])
+        self.client.log_dict(run.info.run_id, cfg, "hyperparams.json")
+        return log
+
+    def reopen_child(self, run_id: str) -> RunLog:
+        """Mark an interrupted child run RUNNING again, to resume it in place."""
+        self.client.update_run(run_id, status="RUNNING")
+        return RunLog(self.client, run_id)
+
+    def end_parent(self, run_id: str, status: str) -> None:
+        self.client.set_terminated(run_id, status)
+
+
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
+FAILED = RunStatus.to_string(RunStatus.FAILED)
+KILLED = RunStatus.to_string(RunStatus.KILLED)
