@@ -121,7 +121,7 @@ def test_user_errors_are_one_line_non_zero_and_leave_nothing(tmp_path, data_root
         (tmp_path / "hr.json").write_text(json.dumps(hr))
         args.append("hr.json")
     res = cli(args + ["--data-root", str(data_root), "--no-progress"], tmp_path)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert message in res.stderr
     assert "Traceback" not in res.stderr
     assert [ln for ln in res.stderr.splitlines() if ln.startswith("error:")] == res.stderr.strip().splitlines()[-1:]

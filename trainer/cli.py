@@ -1,6 +1,7 @@
 """The `retina-trainer` command line: thin commands that parse, call and print.
 
-Errors a user can cause are printed as one line (`error: ...`) with exit status 1, never a traceback. Commands
+Errors a user can cause are printed as one line (`error: ...`) with exit status 2, never a traceback; a search
+in which some run failed while training exits 1. Commands
 that do not train (`expand`, `params`) import neither torch nor mlflow, so they start fast.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 import click
 
 from trainer import __version__, config
-from trainer.errors import UserError
+from trainer.errors import RunsFailed, UserError
 
 
 class Main(click.Group):
@@ -37,7 +38,7 @@ class Main(click.Group):
             return super().invoke(ctx)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+            ctx.exit(exc.exit_code)
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -100,7 +101,7 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
 
     Logs to $MLFLOW_TRACKING_URI when set, else to the embedded store in the working directory (open it with
     `mlflow ui`). Runs already FINISHED with the same configuration are skipped; an interrupted run resumes from
-    its latest checkpoint. Exits 1 if any run failed.
+    its latest checkpoint. Exits 2 on bad input (before anything trains), 1 if any run failed.
     """
     from trainer.search import expand as do_expand
 
@@ -117,7 +118,7 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
     click.echo(summary_table(outcome))
     click.echo(f"parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
     if outcome.failed:
-        raise UserError(f"{len(outcome.failed)} of {len(outcome.runs)} runs did not finish: "
+        raise RunsFailed(f"{len(outcome.failed)} of {len(outcome.runs)} runs did not finish: "
                         + ", ".join(f"run {r.spec.index} ({r.error or r.status})" for r in outcome.failed))
 
 

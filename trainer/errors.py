@@ -1,11 +1,19 @@
 """The one error type for mistakes a user can make (bad config, bad recording, bad option).
 
-The CLI prints its message on one line and exits non-zero, without a traceback.
+The CLI prints its message on one line and exits with `exit_code` (2 unless said otherwise), without a traceback.
 """
 
 
 class UserError(Exception):
     """A problem the user can fix: the message says what, where, and how to fix it."""
+
+    exit_code = 2  # retrying cannot help (a Kubernetes podFailurePolicy fails the index on it)
+
+
+class RunsFailed(UserError):
+    """Some runs of a search failed while training; the others finished."""
+
+    exit_code = 1
 
 
 class ConfigError(UserError):
