@@ -170,6 +170,12 @@ SCHEMA: tuple[Param, ...] = (
     # --- pruning and retinotopic read-out (used by the models and loops that have them) -------------------------
     P("prune", "bool", False, "Prune intermediate conv channels after n_epochs of training.", "pruning"),
     P("prune_layers", "strs", [], "Layers to prune; empty means every intermediate conv layer.", "pruning"),
+    P("prune_interval", "int", 5, "Epochs of training between two prunings (and before judging the last one).",
+      "pruning", _ge(1)),
+    P("prune_tolerance", "float", 0.05, "Largest drop of validation correlation a pruning may cause; a larger "
+      "drop reverts it and pruning moves to the next layer.", "pruning", _ge(0)),
+    P("prune_intg_steps", "int", 10, "Integration steps of the integrated-gradient channel importance.",
+      "pruning", _ge(1)),
     P("semantic_scale", "float", 0.0, "Weight of the 'exactly one position' semantic loss (retinotopic_loop).",
       "retinotopic", _ge(0)),
     P("semantic_l1", "float", 0.0, "L1 penalty on the one-hot read-out weights (retinotopic_loop).", "retinotopic",
