@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from trainer import __version__, config
-from trainer.errors import RunsFailed, UserError
+from trainer.errors import RunsFailed, Terminated, UserError
 
 
 class Main(click.Group):
@@ -39,6 +39,25 @@ class Main(click.Group):
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(exc.exit_code)
+        except Terminated:
+            click.echo("terminated (SIGTERM): a run in progress ended KILLED; run the same command again to resume "
+                       "it from its latest checkpoint", err=True)
+            ctx.exit(143)
+        except KeyboardInterrupt:
+            click.echo("interrupted: a run in progress ended KILLED; run the same command again to resume it from "
+                       "its latest checkpoint", err=True)
+            ctx.exit(130)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def _on_sigterm() -> None:
+    """Turn SIGTERM into an exception, so the current run checkpoints its state and ends KILLED."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -113,6 +132,7 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
 
     from trainer.launch.local import run_search, summary_table
 
+    _on_sigterm()
     outcome = run_search(s, data_root=data_root, echo=lambda m: click.echo(m, err=True), progress=progress,
                          files=files)
     click.echo(summary_table(outcome))
@@ -120,6 +140,40 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
     if outcome.failed:
         raise RunsFailed(f"{len(outcome.failed)} of {len(outcome.runs)} runs did not finish: "
                         + ", ".join(f"run {r.spec.index} ({r.error or r.status})" for r in outcome.failed))
+
+
+@main.command("run-index")
+@click.argument("hyperparams", type=click.Path(dir_okay=False))
+@click.argument("hyperranges", type=click.Path(dir_okay=False), required=False)
+@click.option("--index", type=int, envvar="JOB_COMPLETION_INDEX", required=True, show_envvar=True,
+              help="Which run of the expanded search to train (the Indexed Job's completion index).")
+@click.option("--parent-run-id", envvar="RETINA_PARENT_RUN_ID", required=True, show_envvar=True,
+              help="MLflow run id of the search's parent run (made by `retina-trainer k8s render`).")
+@click.option("--data-root", type=click.Path(file_okay=False), envvar="RETINA_DATA_ROOT", default=None,
+              show_envvar=True, help="Folder holding <dataset>/<stim_type>.h5.")
+def run_index(hyperparams: str, hyperranges: str | None, index: int, parent_run_id: str,
+              data_root: str | None) -> None:
+    """Train one run of a search: the pod command of a Kubernetes Indexed Job.
+
+    Expands the same files as `expand`, takes run number INDEX, and trains it as an MLflow child of the parent
+    run: skipped if already FINISHED, resumed from its latest checkpoint if it was interrupted. On SIGTERM the
+    run ends KILLED (exit 143) and its latest epoch checkpoint is what the next attempt resumes from. Exits 2 on
+    bad input or a run that failed for a reason a retry cannot fix, 1 on an unexpected failure.
+    """
+    from trainer.search import expand as do_expand
+
+    s = do_expand(hyperparams, hyperranges)
+    _warn(s.warnings)
+    from trainer.launch.local import run_index as do_run_index
+
+    _on_sigterm()
+    outcome = do_run_index(s, index, parent_run_id, data_root=data_root, echo=lambda m: click.echo(m, err=True))
+    click.echo(f"run {index} {outcome.spec.name}: {outcome.status} (mlflow run {outcome.run_id}, best val r "
+               f"{outcome.best_val_pearson:.3f}, test r {outcome.test_pearson:.3f})")
+    if outcome.status == "FAILED":
+        if outcome.user_error:
+            raise UserError(f"run {index} failed: {outcome.error}")
+        raise RunsFailed(f"run {index} failed: {outcome.error}")
 
 
 @main.command()

@@ -22,3 +22,7 @@ class ConfigError(UserError):
 
 class DataError(UserError):
     """A recording is missing or malformed."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived (a pod being stopped, `docker stop`): unwinds like Ctrl-C so the run ends KILLED."""

@@ -43,6 +43,7 @@ class RunOutcome:
     test_pearson: float = math.nan
     best_epoch: int = 0
     error: str = ""
+    user_error: bool = False  # the failure is one a retry cannot fix (bad input, diverged training)
 
 
 @dataclass
@@ -69,11 +70,11 @@ def run_dir(spec: RunSpec) -> Path:
     return Path(spec.config["save_root"]).expanduser() / spec.config["exp_name"] / spec.name
 
 
-def preflight(search: Search, data_root: str | None) -> dict[int, Path]:
-    """Check every run before any trains: recording exists and fits (shape, cells, length), model builds."""
+def preflight(search: Search, data_root: str | None, only: int | None = None) -> dict[int, Path]:
+    """Check every run (or run `only`) before any trains: recording exists and fits, model builds."""
     paths: dict[int, Path] = {}
     checked: dict[tuple[Any, ...], int] = {}
-    for spec in search.runs:
+    for spec in search.runs if only is None else [search.runs[only]]:
         cfg = spec.config
         root = resolve_data_root(data_root or cfg["data_root"])
         path = recording_path(root, cfg["dataset"], cfg["stim_type"])
@@ -114,21 +115,23 @@ class DataCache:
 
 
 def _resume_state(spec: RunSpec, folder: Path, log: Any) -> dict[str, Any] | None:
-    """The latest checkpoint of an interrupted run (local folder first, else its MLflow artifact), if it matches."""
-    candidates: list[Path] = []
-    local = checkpoint.latest(folder)
-    if local is not None:
-        candidates.append(local)
+    """The newest readable checkpoint of an interrupted run (its local folder or its MLflow artifact) that
+    belongs to this run's configuration, or None."""
+    best: dict[str, Any] | None = None
     with tempfile.TemporaryDirectory() as tmp:
-        if not candidates:
-            remote = log.download_checkpoint(checkpoint.LATEST, Path(tmp))
-            if remote is not None:
-                candidates.append(remote)
+        candidates = [checkpoint.latest(folder), log.download_checkpoint(checkpoint.LATEST, Path(tmp))]
         for path in candidates:
-            state = checkpoint.load(path)
-            if search_mod.config_id(state["config"]) == spec.config_id:
-                return state
-    return None
+            if path is None:
+                continue
+            try:
+                state = checkpoint.load(path)
+            except Exception:  # a checkpoint cut short by a kill: fall back to the other copy
+                continue
+            if search_mod.config_id(state["config"]) != spec.config_id:
+                continue
+            if best is None or state["epoch"] > best["epoch"]:
+                best = state
+    return best
 
 
 def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prior: list[Any], path: Path,
@@ -181,12 +184,15 @@ def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prio
         outcome.status = "FINISHED"
         outcome.best_val_pearson, outcome.test_pearson = result.best_val_pearson, result.test_pearson_at_best
         outcome.best_epoch = result.best_epoch
-    except KeyboardInterrupt:
-        log.end("KILLED")
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated): the latest epoch checkpoint is what resumes
         outcome.status = "KILLED"
+        latest = checkpoint.latest(folder)
+        if latest is not None:  # upload it again in case the interruption cut the last upload short
+            log.checkpoint(latest, checkpoint.LATEST)
+        log.end("KILLED")
         raise
     except UserError as exc:
-        outcome.error = str(exc)
+        outcome.error, outcome.user_error = str(exc), True
         log.set_tag("error", outcome.error[:5000])
         log.end("FAILED")
         echo(f"run {spec.index} {spec.name} FAILED: {exc}")
@@ -199,6 +205,14 @@ def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prio
         if bar is not None:
             bar.close()
     return outcome
+
+
+def _skipped(spec: RunSpec, done: Any, echo: Echo) -> RunOutcome:
+    """The outcome of a run already FINISHED in the experiment (its summary metrics come from MLflow)."""
+    echo(f"run {spec.index} {spec.name}: already FINISHED as {done.run_id}, skipped")
+    m = done.metrics
+    return RunOutcome(spec, "SKIPPED", run_id=done.run_id, best_val_pearson=m.get("best_val_pearson", math.nan),
+                      test_pearson=m.get("test_pearson_at_best", math.nan), best_epoch=int(m.get("best_epoch", 0)))
 
 
 def run_search(search: Search, *, data_root: str | None = None, echo: Echo = print, progress: bool = True,
@@ -220,12 +234,7 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
             earlier = prior.get(spec.config_id, [])
             done = [p for p in earlier if p.status == FINISHED]
             if done:
-                m = done[0].metrics
-                outcome.runs.append(RunOutcome(spec, "SKIPPED", run_id=done[0].run_id,
-                                               best_val_pearson=m.get("best_val_pearson", math.nan),
-                                               test_pearson=m.get("test_pearson_at_best", math.nan),
-                                               best_epoch=int(m.get("best_epoch", 0))))
-                echo(f"run {spec.index} {spec.name}: already FINISHED as {done[0].run_id}, skipped")
+                outcome.runs.append(_skipped(spec, done[0], echo))
                 continue
             outcome.runs.append(execute(spec, search_id=search.search_id, parent_id=parent_id, tracker=tracker,
                                         prior=earlier, path=paths[spec.index], cache=cache, echo=echo,
@@ -239,6 +248,29 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
         if owns_parent:
             tracker.end_parent(parent_id, status)
     return outcome
+
+
+def run_index(search: Search, index: int, parent_id: str, *, data_root: str | None = None, echo: Echo = print,
+              progress: bool = False) -> RunOutcome:
+    """Run run number `index` of `search` as a child of `parent_id` (the pod command of an Indexed Job).
+
+    Skips it if a run with its config id already FINISHED; resumes it from its latest checkpoint if it was
+    interrupted; a training failure is reported as a FAILED run (and an error for the caller).
+    """
+    from trainer.tracking import FINISHED, Tracker
+
+    if not 0 <= index < len(search.runs):
+        raise UserError(f"run index {index} is out of range: the search has {len(search.runs)} runs "
+                        f"(0..{len(search.runs) - 1}); check completions of the Job against `retina-trainer expand`")
+    spec = search.runs[index]
+    path = preflight(search, data_root, only=index)[index]
+    tracker = Tracker(search.exp_name)
+    earlier = tracker.prior_runs().get(spec.config_id, [])
+    done = [p for p in earlier if p.status == FINISHED]
+    if done:
+        return _skipped(spec, done[0], echo)
+    return execute(spec, search_id=search.search_id, parent_id=parent_id, tracker=tracker, prior=earlier, path=path,
+                   cache=DataCache(), echo=echo, progress=progress)
 
 
 def summary_table(outcome: SearchOutcome) -> str:

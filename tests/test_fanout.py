@@ -1,0 +1,151 @@
+"""The Indexed Job's pod command (`run-index`) run for real as separate processes against a real MLflow server:
+fan-out two at a time, SIGKILL and restart (resume from the MLflow checkpoint), SIGTERM (KILLED with a
+checkpoint), and a second pass that skips everything."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import SMALL
+from mlflow.tracking import MlflowClient
+
+from trainer.search import expand
+
+pytestmark = pytest.mark.e2e
+
+
+def make_search(folder: Path, exp_name: str, hp_extra: dict, ranges: dict) -> tuple[Path, Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    hp = folder / "hyperparams.json"
+    hr = folder / "hyperranges.json"
+    hp.write_text(json.dumps({"exp_name": exp_name, **SMALL, "save_root": "runs", **hp_extra}))
+    hr.write_text(json.dumps(ranges))
+    return hp, hr
+
+
+def parent_for(hp: Path, hr: Path, uri: str) -> str:
+    """Create the search's parent run the way `k8s render` does (in a subprocess, against the server)."""
+    code = ("import json,sys; from trainer.search import expand; from trainer.tracking import Tracker\n"
+            f"s = expand({str(hp)!r}, {str(hr)!r})\n"
+            "pid, _ = Tracker(s.exp_name).parent_run(s.search_id, s.exp_name, len(s.runs), list(s.searched_keys), {})\n"
+            "print(pid)")
+    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip().splitlines()[-1]
+
+
+def pod(index: int, hp: Path, hr: Path, parent: str, uri: str, data_root: Path, workdir: Path) -> subprocess.Popen:
+    """One pod of the Job: a fresh working directory (its emptyDir), the Job's environment."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(JOB_COMPLETION_INDEX=str(index), RETINA_PARENT_RUN_ID=parent, MLFLOW_TRACKING_URI=uri,
+               RETINA_DATA_ROOT=str(data_root), MLFLOW_DISABLE_TELEMETRY="true",
+               MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="20")
+    return subprocess.Popen([sys.executable, "-m", "trainer", "run-index", str(hp), str(hr)], cwd=workdir, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def children(client: MlflowClient, exp_name: str) -> dict[int, list]:
+    exp = client.get_experiment_by_name(exp_name)
+    out: dict[int, list] = {}
+    for r in client.search_runs([exp.experiment_id], "tags.role = 'run'", max_results=1000):
+        out.setdefault(int(r.data.tags["run_index"]), []).append(r)
+    return out
+
+
+def wait_for_epochs(client: MlflowClient, exp_name: str, index: int, n: int, proc: subprocess.Popen) -> str:
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        exp = client.get_experiment_by_name(exp_name)
+        if exp is not None:
+            runs = client.search_runs([exp.experiment_id], f"tags.run_index = '{index}'")
+            if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= n:
+                return runs[0].info.run_id
+        time.sleep(0.2)
+    raise AssertionError(f"run {index} did not log {n} epochs in time")
+
+
+def test_fan_out_two_at_a_time_then_second_pass_skips(tmp_path, data_root, mlflow_server):
+    hp, hr = make_search(tmp_path, "fanout", {"n_epochs": 2}, {"lr": [0.01, 0.003, 0.001], "chans": [[4, 4], [2, 4]]})
+    search = expand(hp, hr)
+    assert len(search.runs) == 6
+    parent = parent_for(hp, hr, mlflow_server)
+    for first in (0, 2, 4):  # parallelism 2
+        procs = [pod(i, hp, hr, parent, mlflow_server, data_root, tmp_path / f"pod{i}") for i in (first, first + 1)]
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    client = MlflowClient(mlflow_server)
+    runs = children(client, "fanout")
+    assert sorted(runs) == list(range(6)) and all(len(v) == 1 for v in runs.values())
+    for i, (r,) in runs.items():
+        assert r.info.status == "FINISHED"
+        assert r.data.tags["mlflow.parentRunId"] == parent
+        assert r.data.tags["config_id"] == search.runs[i].config_id  # index i is run i of `expand`
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_pearson")] == [1, 2]
+        assert "latest.pt" in {Path(f.path).name for f in client.list_artifacts(r.info.run_id, "checkpoints")}
+    # a second full pass skips all six
+    for i in range(6):
+        p = pod(i, hp, hr, parent, mlflow_server, data_root, tmp_path / f"again{i}")
+        out, err = p.communicate(timeout=120)
+        assert p.returncode == 0 and "already FINISHED" in err, err[-2000:]
+    assert all(len(v) == 1 for v in children(client, "fanout").values())
+
+
+def test_index_out_of_range_is_a_user_error(tmp_path, data_root, mlflow_server):
+    hp, hr = make_search(tmp_path, "fanout_range", {"n_epochs": 1}, {"lr": [0.01, 0.003]})
+    p = pod(7, hp, hr, "0" * 32, mlflow_server, data_root, tmp_path / "pod")
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert "run index 7 is out of range: the search has 2 runs (0..1)" in err and "Traceback" not in err
+
+
+def test_sigkill_then_restart_resumes_every_epoch_once(tmp_path, data_root, mlflow_server):
+    hp, hr = make_search(tmp_path, "fanout_kill", {"n_epochs": 12, "early_stopping": 0}, {"lr": [0.01]})
+    parent = parent_for(hp, hr, mlflow_server)
+    client = MlflowClient(mlflow_server)
+    proc = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-a")
+    run_id = wait_for_epochs(client, "fanout_kill", 0, 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert client.get_run(run_id).info.status == "RUNNING"  # a killed pod cannot say anything
+    # the retry is a new pod: a fresh working directory, so the checkpoint comes from MLflow
+    again = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-b")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "resuming after epoch" in err
+    runs = children(client, "fanout_kill")[0]
+    assert [r.info.run_id for r in runs] == [run_id]  # the same MLflow run
+    assert runs[0].info.status == "FINISHED"
+    for key in ("train_loss", "val_pearson", "test_pearson"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 13)), key
+
+
+def test_sigterm_ends_killed_with_a_checkpoint_and_resumes(tmp_path, data_root, mlflow_server):
+    hp, hr = make_search(tmp_path, "fanout_term", {"n_epochs": 12, "early_stopping": 0}, {"lr": [0.01]})
+    parent = parent_for(hp, hr, mlflow_server)
+    client = MlflowClient(mlflow_server)
+    proc = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-a")
+    run_id = wait_for_epochs(client, "fanout_term", 0, 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert "latest.pt" in {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
+    logged = len(client.get_metric_history(run_id, "train_loss"))
+    assert 2 <= logged < 12
+    again = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-b")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, 13))
