@@ -121,10 +121,16 @@ def test_cross_key_checks():
         config.check_run(config.resolve({"lossfxn": "MSELoss", "log_poisson": True}), "run 0")
 
 
-def test_registries_match_the_schema_choices():
+def test_registries_match_the_schema_choices(data_root, tmp_path):
+    import torch
+
+    from conftest import SMALL
     from trainer import models
+    from trainer.data.recording import load_data, recording_path
     from trainer.training.trainer import Trainer
 
     assert tuple(models.available()) == config.MODEL_TYPES
-    assert {"train_loop"} == set(config.TRAIN_LOOPS)
-    assert hasattr(Trainer, "train_loop")
+    cfg = config.resolve(SMALL)
+    bundle = load_data(recording_path(data_root, "synth01", "whitenoise"), img_shape=SMALL["img_shape"])
+    trainer = Trainer(models.build_model(cfg, bundle.n_cells), bundle, cfg, tmp_path, torch.device("cpu"))
+    assert tuple(trainer.loops) == config.TRAIN_LOOPS

@@ -9,8 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import SMALL
 from mlflow.tracking import MlflowClient
+
+from conftest import SMALL
 
 pytestmark = pytest.mark.e2e
 

@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SMALL
 from mlflow.tracking import MlflowClient
 
+from conftest import SMALL
 from trainer.search import expand
 
 pytestmark = pytest.mark.e2e

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from conftest import SMALL
 
+from conftest import SMALL
 from trainer import config
 from trainer.data.recording import load_data, recording_path
 from trainer.errors import UserError

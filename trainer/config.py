@@ -17,8 +17,8 @@ from trainer.errors import ConfigError
 
 # Model classes and training loops that exist (kept here so config stays torch-free; a test checks they match the
 # registries in trainer.models and trainer.training).
-MODEL_TYPES = ("BNCNN", "LN")
-TRAIN_LOOPS = ("train_loop",)
+MODEL_TYPES = ("BNCNN", "LN", "LinearStackedBNCNN", "VaryModel", "RetinotopicModel")
+TRAIN_LOOPS = ("train_loop", "retinotopic_loop")
 LOSSES = ("PoissonNLLLoss", "MSELoss")
 SCHEDULERS = ("ReduceLROnPlateau", "MultiStepLR", "none")
 ACTIVATIONS = ("ReLU", "Tanh", "Softplus", "ELU", "LeakyReLU", "Sigmoid", "GELU")

@@ -157,6 +157,8 @@ def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prio
         seed_everything(spec.seed)
         data = cache.get(path, cfg, device)
         model = build_model(cfg, data.n_cells)
+        if hasattr(model, "prepare"):  # models that set themselves up from the data (e.g. read-out positions)
+            model.prepare(data)
         if resume is not None:
             logged = log.logged_steps()
             for row in resume["history"]:  # epochs checkpointed but not yet logged before the interruption
@@ -166,7 +168,8 @@ def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prio
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg["n_epochs"], initial=resume["epoch"] if resume else 0,
+            bar = tqdm(total=None if cfg["prune"] else cfg["n_epochs"],  # pruning adds epochs past n_epochs
+                       initial=resume["epoch"] if resume else 0,
                        desc=f"run {spec.index}/{spec.name}"[:60], unit="epoch", leave=True)
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:

@@ -1,4 +1,11 @@
-"""Model registry: maps the config's model_type to a model class and builds it from the hyperparameters."""
+"""Model registry: maps the config's model_type to a model class and builds it from the hyperparameters.
+
+A model class provides `from_config(config, n_units)` and, for pruning, `conv_layers()`. It may also define
+`prepare(self, data: DataBundle) -> None`: the launcher calls it right after building the model, when the model
+has it, to set up what depends on the recording rather than on the hyperparameters (e.g. VaryModel with convgc
+reads each cell at its receptive-field peak, estimated from the training data). Keep what it sets in the state
+dict (parameters or persistent buffers) so checkpoints carry it, and do not draw from the global RNG there.
+"""
 
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,4 +43,4 @@ def build_model(config: Mapping[str, Any], n_units: int) -> nn.Module:
 
 
 # Imported last: the model modules use register() defined above to add themselves to MODELS.
-from trainer.models import bncnn  # noqa: F401, E402
+from trainer.models import bncnn, retinotopic, stacked, vary  # noqa: F401, E402

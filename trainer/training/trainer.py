@@ -1,15 +1,18 @@
 """The Trainer: named training loops, validation and test scoring, scheduling, early stopping, checkpoints.
 
 Reads top to bottom: `fit` runs epochs; each epoch calls the loop named by `train_loop`, scores the validation
-stretch and the test split, steps the scheduler, writes a checkpoint and reports the metrics. The Trainer knows
+stretch and the test split, steps the scheduler, writes a checkpoint and reports the metrics. With `prune` the
+normal epochs are followed by a pruning phase (trainer/training/pruning.py) of more such epochs. The Trainer knows
 nothing about MLflow: it reports through the small `Reporter` interface.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,9 +21,14 @@ import torch
 from torch import nn
 
 from trainer.data.recording import DataBundle, WindowSet
-from trainer.errors import UserError
+from trainer.errors import ConfigError, UserError
 from trainer.training import checkpoint
+from trainer.training.losses import semantic_loss
 from trainer.training.metrics import pearson_per_cell
+from trainer.training.pruning import build_pruner
+
+PRUNING_REPORT = "pruning.json"  # written to the run folder when pruning ends, reported like a checkpoint
+IMPORTANCE_BATCHES = 2  # training batches the channel importance of a pruning is averaged over
 
 
 class Reporter(Protocol):
@@ -55,6 +63,11 @@ class FitResult:
     test_pearson_at_best: float
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def has_onehot_readout(model: nn.Module) -> bool:
+    """Whether the model has the one-hot read-out (probability maps and weights) that retinotopic_loop trains."""
+    return all(callable(getattr(model, name, None)) for name in ("onehot_probs", "onehot_weights"))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,29 +118,64 @@ class Trainer:
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.shuffle_gen = torch.Generator().manual_seed(cfg["seed"])
         # Training loops by name: `train_loop` in the config picks one.
-        self.loops: dict[str, Callable[[int], dict[str, float]]] = {"train_loop": self.train_loop}
+        self.loops: dict[str, Callable[[int], dict[str, float]]] = {
+            "train_loop": self.train_loop, "retinotopic_loop": self.retinotopic_loop}
         if cfg["train_loop"] not in self.loops:
             raise UserError(f"unknown train_loop '{cfg['train_loop']}': available: {', '.join(self.loops)}")
+        if cfg["train_loop"] == "retinotopic_loop" and not has_onehot_readout(model):
+            raise ConfigError(f"train_loop retinotopic_loop needs a model with a one-hot read-out "
+                              f"(RetinotopicModel); model_type is {cfg['model_type']}: change model_type or "
+                              "set train_loop to train_loop")
+        # Pruning after the normal epochs; None when prune is false. Checked here, not when the phase begins.
+        self.pruner = build_pruner(self.model, self.optimizer, self.scheduler, cfg) if cfg["prune"] else None
 
     # ---- one epoch of training ----------------------------------------------------------------------------------
     def train_loop(self, epoch: int) -> dict[str, float]:
         """Plain loop: data loss plus l1 x mean |output|, Adam step per batch; returns the epoch's mean losses."""
+        return self._train_epoch(epoch)
+
+    def retinotopic_loop(self, epoch: int) -> dict[str, float]:
+        """Plain loop plus semantic_scale x semantic loss (one-hot maps) and semantic_l1 x mean |one-hot weight|."""
+        return self._train_epoch(epoch, self._onehot_penalties)
+
+    def _onehot_penalties(self) -> dict[str, tuple[float, torch.Tensor]]:
+        """The retinotopic loop's extra terms by metric name, each with its weight in the loss."""
+        return {"semantic_loss": (self.cfg["semantic_scale"], semantic_loss(self.model.onehot_probs())),
+                "onehot_l1": (self.cfg["semantic_l1"], self.model.onehot_weights().abs().mean())}
+
+    def _train_epoch(self, epoch: int,
+                     penalties: Callable[[], dict[str, tuple[float, torch.Tensor]]] | None = None,
+                     ) -> dict[str, float]:
+        """One pass over the training batches, Adam step per batch; pruned channels are re-zeroed after each step.
+
+        `penalties` gives extra loss terms (weight, value) by name; each is added when its weight is > 0 and its
+        epoch mean over the steps is returned as a metric either way.
+        """
         self.model.train()
         total, n = 0.0, 0
+        extra: dict[str, torch.Tensor] = {}
+        steps = 0
         for x, y in self.data.train.batches(self.cfg["batch_size"], shuffle=self.cfg["shuffle"],
                                             generator=self.shuffle_gen):
             out = self.model(x)
             loss = self.batch_loss(out, y)
+            for name, (weight, term) in (penalties() if penalties is not None else {}).items():
+                if weight > 0:
+                    loss = loss + weight * term
+                extra[name] = extra.get(name, 0.0) + term.detach()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.pruner is not None:
+                self.pruner.mask()
             value = loss.item()
             if not math.isfinite(value):
                 raise TrainingDiverged(f"training loss became {value} in epoch {epoch}; lower lr "
                                        f"(now {self.cfg['lr']:g}) or check the recording")
             total += value * len(y)
             n += len(y)
-        return {"train_loss": total / n}
+            steps += 1
+        return {"train_loss": total / n, **{name: v.item() / steps for name, v in extra.items()}}
 
     def batch_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Data loss plus l1 x mean |output|: a mean, so the penalty does not grow with batch_size."""
@@ -154,7 +202,7 @@ class Trainer:
 
     # ---- the run ---------------------------------------------------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> FitResult:
-        """Train for n_epochs (or until early stopping), starting after the checkpoint `resume` if given."""
+        """Train n_epochs (or until early stopping), then prune if asked; start after the checkpoint `resume`."""
         history: list[dict[str, float]] = []
         best_epoch, best_r, best_test = 0, -math.inf, math.nan
         start = 1
@@ -168,41 +216,79 @@ class Trainer:
             history = list(resume["history"])
             best_epoch, best_r, best_test = resume["best_epoch"], resume["best_val_pearson"], resume["best_test"]
             start = resume["epoch"] + 1
+            if self.pruner is not None and resume.get("pruning") is not None:
+                self.pruner.load_state_dict(resume["pruning"])
 
-        patience = self.cfg["early_stopping"]
+        n_epochs, patience, pruner = self.cfg["n_epochs"], self.cfg["early_stopping"], self.pruner
         stopped_early = False
         epoch = start - 1
-        for epoch in range(start, self.cfg["n_epochs"] + 1):
-            t0 = time.perf_counter()
-            metrics = self.loops[self.cfg["train_loop"]](epoch)
-            train_seconds = time.perf_counter() - t0
-            val_loss, val_r = self.score(self.data.val)
-            test_loss, test_r = self.score(self.data.test)
-            metrics.update(val_loss=val_loss, val_pearson=val_r.mean().item(), test_loss=test_loss,
-                           test_pearson=test_r.mean().item(), lr=self.optimizer.param_groups[0]["lr"])
-            for cid, v, t in zip(self.data.cell_ids, val_r.tolist(), test_r.tolist()):
-                metrics[f"val_pearson_cell{cid}"] = v
-                metrics[f"test_pearson_cell{cid}"] = t
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                self.scheduler.step(metrics["val_pearson"])
-            elif self.scheduler is not None:
-                self.scheduler.step()
-            metrics["epoch_seconds"] = time.perf_counter() - t0
-            metrics["samples_per_s"] = len(self.data.train) / train_seconds
+        while True:
+            # Normal epochs up to n_epochs; then, with prune, pruning epochs until no layer is left.
+            pruning = pruner is not None and pruner.active
+            if pruning and not pruner.begin(epoch + 1, self._importance_inputs()):
+                break
+            if not pruning and epoch >= n_epochs:
+                break
+            epoch += 1
+            metrics = self._epoch(epoch)
+            if pruning:
+                pruner.end_epoch(epoch, metrics["val_pearson"])  # may revert to the copy taken before pruning
+            if pruner is not None:
+                metrics.update(pruner.metrics())
             history.append({"epoch": epoch, **metrics})
 
+            # A reverted epoch is never an improvement: its r is below a baseline that an earlier epoch scored.
             improved = metrics["val_pearson"] > best_r
             if improved:
                 best_epoch, best_r, best_test = epoch, metrics["val_pearson"], metrics["test_pearson"]
+            normal_over = not pruning and (epoch >= n_epochs or bool(patience) and epoch - best_epoch >= patience)
+            if normal_over:
+                stopped_early = epoch < n_epochs
+                if pruner is not None:  # before the checkpoint, so that a resume goes on pruning
+                    pruner.start(epoch, metrics["val_pearson"])
             self._checkpoint(epoch, metrics, history, best_epoch, best_r, best_test, improved)
             self.reporter.epoch(epoch, metrics)
             if self.on_epoch is not None:
                 self.on_epoch(epoch, metrics)
-            if patience and epoch - best_epoch >= patience:
-                stopped_early = epoch < self.cfg["n_epochs"]
+            if normal_over and pruner is None:
                 break
+        if pruner is not None and pruner.active:
+            stopped_early = pruner.normal_epochs < n_epochs
+            self._write_pruning_report()
         return FitResult(epochs_run=epoch, best_epoch=best_epoch, best_val_pearson=best_r,
                          test_pearson_at_best=best_test, stopped_early=stopped_early, history=history)
+
+    def _epoch(self, epoch: int) -> dict[str, float]:
+        """Train one epoch with the selected loop, score validation and test, step the scheduler: the metrics."""
+        t0 = time.perf_counter()
+        metrics = self.loops[self.cfg["train_loop"]](epoch)
+        train_seconds = time.perf_counter() - t0
+        val_loss, val_r = self.score(self.data.val)
+        test_loss, test_r = self.score(self.data.test)
+        metrics.update(val_loss=val_loss, val_pearson=val_r.mean().item(), test_loss=test_loss,
+                       test_pearson=test_r.mean().item(), lr=self.optimizer.param_groups[0]["lr"])
+        for cid, v, t in zip(self.data.cell_ids, val_r.tolist(), test_r.tolist()):
+            metrics[f"val_pearson_cell{cid}"] = v
+            metrics[f"test_pearson_cell{cid}"] = t
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            self.scheduler.step(metrics["val_pearson"])
+        elif self.scheduler is not None:
+            self.scheduler.step()
+        metrics["epoch_seconds"] = time.perf_counter() - t0
+        metrics["samples_per_s"] = len(self.data.train) / train_seconds
+        return metrics
+
+    def _importance_inputs(self) -> Iterator[torch.Tensor]:
+        """The first training batches in stored order, read lazily: no random numbers are drawn for them."""
+        batches = self.data.train.batches(self.cfg["batch_size"])
+        return (x for x, _ in itertools.islice(batches, IMPORTANCE_BATCHES))
+
+    def _write_pruning_report(self) -> None:
+        """Write pruning.json (layers, pruned channels, every judged pruning) to the run folder and report it."""
+        path = self.run_dir / PRUNING_REPORT
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.pruner.report(), indent=2) + "\n")
+        self.reporter.checkpoint(path, PRUNING_REPORT)
 
     def _checkpoint(self, epoch: int, metrics: dict[str, float], history: list[dict[str, float]],
                     best_epoch: int, best_r: float, best_test: float, improved: bool) -> None:
@@ -215,6 +301,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(), "shuffle_rng": self.shuffle_gen.get_state(),
             "config": self.cfg, "norm": self.data.norm_stats(), "cell_ids": list(self.data.cell_ids),
             "n_cells": self.data.n_cells, "model_type": self.cfg["model_type"],
+            "pruned": self.pruner.zeroed() if self.pruner is not None else {},
+            "pruning": self.pruner.state_dict() if self.pruner is not None else None,
         }
         path = checkpoint.save(state, self.run_dir / checkpoint.epoch_file(epoch))
         if not self.cfg["save_every_epoch"]:
