@@ -148,3 +148,28 @@ def test_divergence_is_a_clear_error(bundle, tmp_path):
     t = make(bundle, tmp_path, lossfxn="MSELoss", lr=1e12, bnorm=False, softplus=False)
     with pytest.raises(UserError, match="lower lr"):
         t.fit()
+
+
+def test_lossfxn_selects_the_loss(bundle, tmp_path):
+    out = torch.rand(32, bundle.n_cells) + 0.5
+    y = torch.rand(32, bundle.n_cells) * 3
+    mse = make(bundle, tmp_path, lossfxn="MSELoss").batch_loss(out, y)
+    assert mse.item() == pytest.approx(((out - y) ** 2).mean().item(), rel=1e-6)
+    poisson = make(bundle, tmp_path, lossfxn="PoissonNLLLoss").batch_loss(out, y)
+    assert poisson.item() != pytest.approx(mse.item())
+
+
+def test_batch_size_sets_the_number_of_optimiser_steps(bundle, tmp_path):
+    for batch_size in (64, 500):
+        t = make(bundle, tmp_path, batch_size=batch_size)
+        steps = []
+        t.optimizer.register_step_post_hook(lambda opt, args, kwargs: steps.append(1))
+        t.train_loop(1)
+        assert len(steps) == math.ceil(len(bundle.train) / batch_size)
+
+
+def test_lr_and_l2_configure_adam(bundle, tmp_path):
+    t = make(bundle, tmp_path, lr=0.0123, l2=0.004)
+    group = t.optimizer.param_groups[0]
+    assert isinstance(t.optimizer, torch.optim.Adam)
+    assert group["lr"] == 0.0123 and group["weight_decay"] == 0.004

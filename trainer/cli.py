@@ -177,6 +177,85 @@ def run_index(hyperparams: str, hyperranges: str | None, index: int, parent_run_
 
 
 @main.command()
+@click.argument("target")
+@click.option("--metric", default="best_val_pearson", show_default=True,
+              help="Summary metric that picks the best run (higher is better; lower for names ending in 'loss').")
+@click.option("--name", default=None, help="Registered model name (default: the experiment's name).")
+def register(target: str, metric: str, name: str | None) -> None:
+    """Register the best FINISHED run of TARGET (an exp_name, a search id or a parent run id) as a new model
+    version, and move the alias `champion` to it only if it beats the current champion on the same metric.
+
+    The version's source is the run's checkpoints/ folder; its best.pt holds the weights, the resolved config and
+    the stimulus normalisation. Load it with `trainer.inference.load_model("models:/NAME@champion")`.
+    """
+    from trainer.tracking import register_best
+
+    r = register_best(target, metric=metric, name=name)
+    click.echo(f"registered {r['name']} version {r['version']} from run {r['run_id']} "
+               f"({r['metric']} = {r['value']:.4f}, best of {r['n_candidates']} runs of {r['searched']})")
+    if r["champion_moved"]:
+        was = f" (was version {r['previous_champion']})" if r["previous_champion"] else ""
+        click.echo(f"alias champion -> version {r['version']}{was}")
+    else:
+        click.echo(f"alias champion stays on version {r['previous_champion']} ({r['metric']} = "
+                   f"{r['previous_value']:.4f} is not beaten)")
+
+
+@main.command()
+@click.argument("model")
+@click.option("--recording", type=click.Path(dir_okay=False), default=None,
+              help="Recording to score on (default: the one the model was trained on, under the data root).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Data root for the default recording (else data_root of the model's config, "
+                   "$RETINA_DATA_ROOT, ~/experiments/data).")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder to write per_cell.csv and the plots (predictions, filters) to.")
+def evaluate(model: str, recording: str | None, data_root: str | None, out: str | None) -> None:
+    """Score MODEL on a recording's test split: per cell and averaged, Pearson r against the trial-averaged test
+    rate; with test repeats, reliability, FEVE and CC_norm; on synthetic recordings, r against the true rates.
+
+    MODEL is a checkpoint file, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id. Definitions:
+    docs/metrics.md. Every run is also evaluated this way on its best checkpoint when it finishes.
+    """
+    from pathlib import Path
+
+    from trainer.data.recording import load_data, recording_path, resolve_data_root
+    from trainer.evaluation.report import evaluate_predictions, write_report
+    from trainer.inference import load_model
+
+    loaded = load_model(model)
+    cfg = loaded.config
+    path = Path(recording) if recording else recording_path(resolve_data_root(data_root or cfg["data_root"]),
+                                                            cfg["dataset"], cfg["stim_type"])
+    data = load_data(path, cells=loaded.cell_ids, img_shape=cfg["img_shape"], val_frac=cfg["val_frac"])
+    pred = loaded.predict(data.test.stimulus).astype("float64")
+    ev = evaluate_predictions(pred, data)
+    click.echo(f"{loaded.source} (epoch {loaded.epoch}) on {path}: {ev.repeats_note}")
+    click.echo(ev.table.rstrip())
+    if out:
+        write_report(ev, pred, data, loaded.model, [], Path(out))
+        click.echo(f"wrote {', '.join(str(p) for _, p in ev.files)}")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("recording", type=click.Path(dir_okay=False))
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def predict(model: str, recording: str, out: str, force: bool) -> None:
+    """Write the predicted firing rates of MODEL for every group (train, test) of RECORDING to OUT (h5).
+
+    MODEL is a checkpoint file, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id. OUT holds
+    <group>/firing_rate (n_cells, T - history) in the recording's units and <group>/time, the time of each
+    predicted bin (the frame after each window); attributes name the model, cells and history.
+    """
+    from trainer.inference import load_model, write_predictions
+
+    path = write_predictions(load_model(model), recording, out, force=force)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (the README's reference is made with it).")
 def params(markdown: bool) -> None:
     """List every hyperparameter: name, type, default and what it does."""

@@ -70,6 +70,12 @@ class RunLog:
             shutil.copyfile(path, target)
             self.client.log_artifact(self.run_id, str(target), "checkpoints")
 
+    def log_files(self, metrics: dict[str, float], files: list[tuple[str, Path]], step: int = 0) -> None:
+        """Log scalar results and files (artifact folder, path), e.g. an evaluation's table and plots."""
+        self.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step)  # NaN scores are left out
+        for folder, path in files:
+            self.client.log_artifact(self.run_id, str(path), folder)
+
     def logged_steps(self, key: str = "train_loss") -> set[int]:
         """Epochs already logged for `key` (so a resumed run logs every epoch once)."""
         return {m.step for m in self.client.get_metric_history(self.run_id, key)}
@@ -162,6 +168,10 @@ class Tracker:
         self.client.log_dict(run.info.run_id, cfg, "hyperparams.json")
         return log
 
+    def run_log(self, run_id: str) -> RunLog:
+        """A reporter for an existing run (e.g. to attach files to a search's parent run)."""
+        return RunLog(self.client, run_id)
+
     def reopen_child(self, run_id: str) -> RunLog:
         """Mark an interrupted child run RUNNING again, to resume it in place."""
         self.client.update_run(run_id, status="RUNNING")
@@ -174,3 +184,105 @@ class Tracker:
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 FAILED = RunStatus.to_string(RunStatus.FAILED)
 KILLED = RunStatus.to_string(RunStatus.KILLED)
+
+
+# ---- registry and loading -----------------------------------------------------------------------------------------
+
+CHAMPION = "champion"
+
+
+def _lower_is_better(metric: str) -> bool:
+    return metric.endswith("loss")
+
+
+def _finished_children(client: MlflowClient, target: str) -> tuple[list[Any], str]:
+    """FINISHED child runs of an experiment (by name), a search (by search id) or a parent run (by run id)."""
+    flt = f"tags.{ROLE} = 'run' and attributes.status = 'FINISHED'"
+    exp = client.get_experiment_by_name(target)
+    if exp is not None:
+        return client.search_runs([exp.experiment_id], flt, max_results=5000), f"experiment '{target}'"
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, f"{flt} and tags.{SEARCH_ID} = '{target}'", max_results=5000)
+    if runs:
+        return runs, f"search {target}"
+    runs = client.search_runs(exp_ids, f"{flt} and tags.`{PARENT_TAG}` = '{target}'", max_results=5000)
+    if runs:
+        return runs, f"parent run {target}"
+    raise UserError(f"no experiment, search id or parent run '{target}' with FINISHED runs in "
+                    f"{mlflow.get_tracking_uri()}; give an exp_name, a search id (from `retina-trainer expand`) "
+                    f"or a parent run id")
+
+
+def register_best(target: str, metric: str = "best_val_pearson", name: str | None = None) -> dict[str, Any]:
+    """Register the best FINISHED run's best checkpoint as a new model version; move the `champion` alias only
+    when the new version beats the current champion on the same metric."""
+    client = MlflowClient()
+    runs, what = _finished_children(client, target)
+    scored = [r for r in runs if metric in r.data.metrics and r.data.metrics[metric] == r.data.metrics[metric]]
+    if not scored:
+        known = sorted({k for r in runs for k in r.data.metrics if not k.startswith(("val_pearson_cell",
+                                                                                     "test_pearson_cell"))})
+        raise UserError(f"no FINISHED run of {what} has metric '{metric}'; use --metric with one of: "
+                        f"{', '.join(known)}")
+    sign = -1.0 if _lower_is_better(metric) else 1.0
+    best = max(scored, key=lambda r: sign * r.data.metrics[metric])
+    value = best.data.metrics[metric]
+    params = best.data.params
+    model_name = name or client.get_experiment(best.info.experiment_id).name
+    try:
+        client.get_registered_model(model_name)
+    except MlflowException:
+        client.create_registered_model(model_name, description="retina-trainer models (state_dict checkpoints with "
+                                                               "their resolved config and stimulus normalisation)")
+    tags = {"run_id": best.info.run_id, "config_id": best.data.tags.get(CONFIG_ID, ""),
+            "model_type": params.get("model_type", ""), "dataset": params.get("dataset", ""),
+            "stim_type": params.get("stim_type", ""), "cells": params.get("cells", ""),
+            "selection_metric": metric, f"metric.{metric}": repr(value)}
+    for k in ("best_val_pearson", "test_pearson_at_best", "best_epoch"):
+        if k in best.data.metrics:
+            tags[f"metric.{k}"] = repr(best.data.metrics[k])
+    version = client.create_model_version(model_name, source=f"{best.info.artifact_uri}/checkpoints",
+                                          run_id=best.info.run_id, tags=tags)
+    previous = None
+    try:
+        champ = client.get_model_version_by_alias(model_name, CHAMPION)
+        previous = float(champ.tags[f"metric.{metric}"]) if f"metric.{metric}" in champ.tags else None
+        prev_version = champ.version
+    except MlflowException:
+        prev_version = None
+    moved = prev_version is None or previous is None or sign * value > sign * previous
+    if moved:
+        client.set_registered_model_alias(model_name, CHAMPION, version.version)
+    return {"name": model_name, "version": version.version, "run_id": best.info.run_id, "metric": metric,
+            "value": value, "champion_moved": moved, "previous_champion": prev_version, "previous_value": previous,
+            "searched": what, "n_candidates": len(scored)}
+
+
+def download_best_checkpoint(ref: str, dest: Path) -> Path:
+    """Fetch best.pt for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID` or a bare run id."""
+    client = MlflowClient()
+    try:
+        if ref.startswith("models:/"):
+            body = ref[len("models:/"):]
+            if "@" in body:
+                model_name, alias = body.split("@", 1)
+                mv = client.get_model_version_by_alias(model_name, alias)
+            elif "/" in body:
+                model_name, ver = body.rsplit("/", 1)
+                mv = client.get_model_version(model_name, ver)
+            else:
+                raise UserError(f"model URI '{ref}' needs a version or alias: models:/NAME@champion or "
+                                f"models:/NAME/1")
+            source = f"{mv.source.rstrip('/')}/best.pt"
+        else:
+            run_id = ref[len("runs:/"):].strip("/") if ref.startswith("runs:/") else ref
+            source = f"{client.get_run(run_id).info.artifact_uri}/checkpoints/best.pt"
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest)))
+    except MlflowException as exc:
+        raise UserError(f"cannot load '{ref}' from {mlflow.get_tracking_uri()}: "
+                        f"{exc.message.splitlines()[0]}") from None
+
+
+def log_evaluation(run_id: str, metrics: dict[str, float], files: list[tuple[str, Path]]) -> None:
+    """Attach evaluation metrics and files (tables, plots) to a run, e.g. one scored again later."""
+    RunLog(MlflowClient(), run_id).log_files(metrics, files)

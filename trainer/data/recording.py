@@ -549,3 +549,37 @@ def format_summary(summary: dict) -> str:
                     f"val {summary['val_samples']}, test {summary['test_samples']}"),
     ]
     return "\n".join(f"{key:<10} {value}" for key, value in lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# reading single groups, for prediction and evaluation
+
+TRUTH = "ground_truth/{group}/firing_rate"  # where synthetic recordings keep the true rates
+
+
+def stimulus_groups(path: str | Path) -> list[str]:
+    """Which of the groups `train` and `test` of a recording have a stimulus dataset."""
+    path = Path(path).expanduser()
+    with _open_h5(path) as f:
+        return [g for g in ("train", "test") if isinstance(f.get(f"{g}/stimulus"), h5py.Dataset)]
+
+
+def read_stimulus(path: str | Path, group: str) -> tuple[np.ndarray, np.ndarray]:
+    """The frames (T, H, W, stored dtype) and times (T,) of one group of a recording, checked like training data."""
+    path = Path(path).expanduser()
+    with _open_h5(path) as f:
+        split = _inspect_split(f, group, path)
+        frames = _to_memory(split.stimulus)
+        _check_finite(frames, path, f"{group}/stimulus")
+        return frames, np.asarray(split.time[()], dtype=np.float64)
+
+
+def read_truth(path: str | Path, group: str, cell_ids: Sequence[int]) -> np.ndarray | None:
+    """True rates (T, n_cells) of a synthetic recording's group for the given cells, or None for real data."""
+    path = Path(path).expanduser()
+    with _open_h5(path) as f:
+        node = f.get(TRUTH.format(group=group))
+        if not isinstance(node, h5py.Dataset):
+            return None
+        rates = np.asarray(node[()], dtype=np.float64)
+    return rates[list(cell_ids)].T

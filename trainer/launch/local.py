@@ -183,6 +183,7 @@ def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prio
                    "test_pearson_at_best": result.test_pearson_at_best, "epochs_run": result.epochs_run,
                    "stopped_early": float(result.stopped_early)}
         log.log_metrics(summary, step=result.epochs_run)
+        _evaluate_best(trainer, data, folder, result.history, log, echo)
         log.end("FINISHED")
         outcome.status = "FINISHED"
         outcome.best_val_pearson, outcome.test_pearson = result.best_val_pearson, result.test_pearson_at_best
@@ -218,6 +219,36 @@ def _skipped(spec: RunSpec, done: Any, echo: Echo) -> RunOutcome:
                       test_pearson=m.get("test_pearson_at_best", math.nan), best_epoch=int(m.get("best_epoch", 0)))
 
 
+def _evaluate_best(trainer: Trainer, data: DataBundle, folder: Path, history: list[dict[str, float]], log: Any,
+                   echo: Echo) -> None:
+    """Score the best checkpoint on the test split (r, reliability, FEVE, CC_norm, truth r) and log the
+    per-cell table and plots with the run."""
+    from trainer.evaluation.report import evaluate_predictions, write_report
+
+    best = folder / checkpoint.BEST
+    if not best.exists():
+        return
+    trainer.model.load_state_dict(checkpoint.load(best)["model"])
+    pred = trainer.as_rates(trainer.predict(data.test)).cpu().numpy().astype(np.float64)
+    ev = write_report(evaluate_predictions(pred, data), pred, data, trainer.model, history, folder / "eval")
+    log.set_tag("eval_repeats", ev.repeats_note)
+    log.log_files(ev.scalars, ev.files)
+
+
+def _plot_search(outcome: SearchOutcome, tracker: Any, parent_id: str) -> None:
+    """Log, on the parent run, the best validation r of every run against each searched hyperparameter."""
+    keys = list(outcome.search.searched_keys)
+    rows = [{**r.spec.searched, "best_val_pearson": r.best_val_pearson} for r in outcome.runs
+            if math.isfinite(r.best_val_pearson)]
+    if not keys or not rows:
+        return
+    from trainer.evaluation.plots import plot_search
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = plot_search(rows, keys, "best_val_pearson", Path(tmp) / "search_best_val_pearson.png")
+        tracker.run_log(parent_id).log_files({}, [("plots", path)])
+
+
 def run_search(search: Search, *, data_root: str | None = None, echo: Echo = print, progress: bool = True,
                files: dict[str, dict[str, Any]] | None = None) -> SearchOutcome:
     """Check, then train every run of `search` that is not already FINISHED, logging to MLflow."""
@@ -242,6 +273,7 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
             outcome.runs.append(execute(spec, search_id=search.search_id, parent_id=parent_id, tracker=tracker,
                                         prior=earlier, path=paths[spec.index], cache=cache, echo=echo,
                                         progress=progress))
+        _plot_search(outcome, tracker, parent_id)
         if outcome.failed:
             status = "FAILED"
     except KeyboardInterrupt:

@@ -197,8 +197,11 @@ class Trainer:
         out = self.predict(windows)
         targets = windows.targets.to(out.device)
         loss = self.loss_fn(out, targets).item()
-        rates = out.exp() if self.cfg["lossfxn"] == "PoissonNLLLoss" and self.cfg["log_poisson"] else out
-        return loss, pearson_per_cell(rates, targets)
+        return loss, pearson_per_cell(self.as_rates(out), targets)
+
+    def as_rates(self, out: torch.Tensor) -> torch.Tensor:
+        """Model outputs as firing rates: exp of the output when the Poisson loss treats outputs as log rates."""
+        return out.exp() if self.cfg["lossfxn"] == "PoissonNLLLoss" and self.cfg["log_poisson"] else out
 
     # ---- the run ---------------------------------------------------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> FitResult:

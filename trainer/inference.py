@@ -1,0 +1,123 @@
+"""Use a trained model: load it from a checkpoint, a run or the model registry, and predict firing rates.
+
+    from trainer.inference import load_model
+    m = load_model("models:/demo@champion")      # or "runs:/<run id>", a bare run id, or a local best.pt
+    rates = m.predict(stimulus)                   # (T, H, W) frames as stored -> (T - h, n_cells) rates
+
+Loading from MLflow uses $MLFLOW_TRACKING_URI (or the embedded store in the working directory).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.models import build_model
+from trainer.training import checkpoint
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to predict: weights in eval mode plus everything needed to feed it as in training."""
+
+    model: nn.Module
+    config: dict[str, Any]
+    mean: float
+    std: float
+    cell_ids: list[int]
+    epoch: int
+    source: str
+
+    @property
+    def history(self) -> int:
+        return int(self.config["img_shape"][0])
+
+    @torch.no_grad()
+    def predict(self, stimulus: np.ndarray | torch.Tensor, batch_size: int = 1024,
+                device: str | torch.device = "cpu") -> np.ndarray:
+        """Predicted rates for every window of `stimulus` (T, H, W): row i is the rate at frame i + history."""
+        stim = torch.as_tensor(np.asarray(stimulus)) if not isinstance(stimulus, torch.Tensor) else stimulus
+        h, height, width = self.config["img_shape"]
+        if stim.dim() != 3 or tuple(stim.shape[1:]) != (height, width):
+            raise UserError(f"stimulus has shape {tuple(stim.shape)} but the model takes (T, {height}, {width}) "
+                            f"frames")
+        if stim.shape[0] <= h:
+            raise UserError(f"stimulus has {stim.shape[0]} frames; the model needs more than its history of {h}")
+        self.model.to(device).eval()
+        stim = stim.to(device)
+        offsets = torch.arange(h, device=device)
+        out = []
+        for start in range(0, stim.shape[0] - h, batch_size):
+            starts = torch.arange(start, min(start + batch_size, stim.shape[0] - h), device=device)
+            x = (stim[starts[:, None] + offsets].float() - self.mean) / self.std
+            y = self.model(x)
+            if self.config["lossfxn"] == "PoissonNLLLoss" and self.config["log_poisson"]:
+                y = y.exp()
+            out.append(y.cpu())
+        return torch.cat(out).numpy()
+
+
+def load_checkpoint(path: str | Path, source: str | None = None) -> LoadedModel:
+    """Rebuild the model a checkpoint file was written for and load its weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint not found: {path}")
+    try:
+        state = checkpoint.load(path)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable retina-trainer checkpoint ({type(exc).__name__})") from None
+    missing = [k for k in ("model", "config", "norm", "cell_ids") if k not in state]
+    if missing:
+        raise UserError(f"{path} is not a retina-trainer checkpoint: it lacks {', '.join(missing)}")
+    model = build_model(state["config"], len(state["cell_ids"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    return LoadedModel(model=model, config=state["config"], mean=float(state["norm"]["mean"]),
+                       std=float(state["norm"]["std"]), cell_ids=list(state["cell_ids"]), epoch=int(state["epoch"]),
+                       source=source or str(path))
+
+
+def load_model(ref: str | Path) -> LoadedModel:
+    """Load from a local checkpoint file, `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/ID` or a run id."""
+    ref_s = str(ref)
+    if Path(ref_s).is_file():
+        return load_checkpoint(ref_s)
+    from trainer.tracking import download_best_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_checkpoint(download_best_checkpoint(ref_s, Path(tmp)), source=ref_s)
+
+
+def write_predictions(loaded: LoadedModel, recording: str | Path, out: str | Path, force: bool = False) -> Path:
+    """Predict every group of `recording` that has a stimulus and write the rates to `out` atomically."""
+    import os
+
+    import h5py
+
+    from trainer.data.recording import read_stimulus, stimulus_groups
+
+    recording, out = Path(recording).expanduser(), Path(out).expanduser()
+    if out.exists() and not force:
+        raise UserError(f"{out} exists; pass --force to replace it")
+    groups = stimulus_groups(recording)
+    if not groups:
+        raise UserError(f"{recording}: no train/stimulus or test/stimulus to predict from")
+    h = loaded.history
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update(model=loaded.source, cell_ids=np.asarray(loaded.cell_ids), history=h,
+                       recording=str(recording), first_frame=h)
+        for group in groups:
+            frames, time = read_stimulus(recording, group)
+            f[f"{group}/firing_rate"] = loaded.predict(frames).T.astype(np.float32)
+            f[f"{group}/time"] = time[h:]
+    os.replace(tmp, out)
+    return out
