@@ -173,3 +173,34 @@ def test_lr_and_l2_configure_adam(bundle, tmp_path):
     group = t.optimizer.param_groups[0]
     assert isinstance(t.optimizer, torch.optim.Adam)
     assert group["lr"] == 0.0123 and group["weight_decay"] == 0.004
+
+
+def test_bf16_precision_runs_the_forward_pass_in_bfloat16(bundle, tmp_path):
+    dtypes = {}
+    for precision in ("fp32", "bf16"):
+        t = make(bundle, tmp_path, precision=precision, n_epochs=1, early_stopping=0)
+        seen = []
+        t.model.conv1.register_forward_hook(lambda m, i, o, seen=seen: seen.append(o.dtype))
+        result = t.fit()
+        dtypes[precision] = set(seen)
+        assert math.isfinite(result.best_val_pearson)
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.bfloat16}}
+
+
+def test_tf32_flags_hold_during_training_and_are_restored(bundle, tmp_path):
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    during = []
+    t = make(bundle, tmp_path, precision="tf32", n_epochs=1)
+    t.on_epoch = lambda e, m: during.append((torch.backends.cudnn.allow_tf32,
+                                             torch.backends.cuda.matmul.allow_tf32))
+    t.fit()
+    assert during == [(True, True)]
+    assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == before
+
+
+def test_compile_wraps_the_forward_and_keeps_plain_checkpoints(bundle, tmp_path):
+    t = make(bundle, tmp_path, compile=True)
+    assert t.forward is not t.model and getattr(t.forward, "_orig_mod", None) is t.model
+    plain = make(bundle, tmp_path)
+    assert plain.forward is plain.model
+    assert not any(k.startswith("_orig_mod") for k in t.model.state_dict())

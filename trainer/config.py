@@ -154,6 +154,12 @@ SCHEMA: tuple[Param, ...] = (
     P("l2", "float", 0.0, "Adam weight decay (L2 penalty on the weights).", "training", _ge(0)),
     P("l1", "float", 0.0, "L1 penalty on the model outputs: l1 x mean |output| over the batch and cells.",
       "training", _ge(0), original="summed over the batch, so it grew with batch_size"),
+    P("precision", "str", "fp32", "Arithmetic of the forward pass: fp32, tf32 (TensorFloat-32 matmuls and "
+      "convolutions on CUDA; no effect on CPU) or bf16 (bfloat16 autocast; losses and metrics stay fp32). fp32 "
+      "is the default: for these 8-channel networks tf32 and bf16 were measured slower on an H200.", "training",
+      choices=("fp32", "tf32", "bf16")),
+    P("compile", "bool", False, "Compile the model with torch.compile (a few percent faster on a GPU, after a "
+      "compilation delay; needs a C++ compiler on CPU).", "training"),
     P("early_stopping", "int", 10, "Stop when the validation correlation has not improved for this many epochs "
       "(0 = never stop early).", "training", _ge(0), original="never fired (its counter reset every epoch)"),
     P("scheduler", "str", "ReduceLROnPlateau", "Learning-rate schedule: ReduceLROnPlateau (on validation "

@@ -8,6 +8,7 @@ nothing about MLflow: it reports through the small `Reporter` interface.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -100,6 +101,17 @@ def make_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any
     return None
 
 
+@contextlib.contextmanager
+def tf32(enabled: bool) -> Iterator[None]:
+    """Allow TensorFloat-32 in CUDA matmuls and convolutions while training, restoring the global flags after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 class Trainer:
     """Trains one model on one recording with the settings of one resolved run configuration."""
 
@@ -114,6 +126,9 @@ class Trainer:
         self.reporter = reporter or NullReporter()
         self.on_epoch = on_epoch
         self.loss_fn = make_loss(cfg)
+        # The module that computes outputs: compiled when asked; self.model keeps the parameters and state_dict.
+        self.forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(self.model) if cfg["compile"] \
+            else self.model
         self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=cfg["l2"])
         self.scheduler = make_scheduler(cfg, self.optimizer)
         self.shuffle_gen = torch.Generator().manual_seed(cfg["seed"])
@@ -152,12 +167,14 @@ class Trainer:
         epoch mean over the steps is returned as a metric either way.
         """
         self.model.train()
-        total, n = 0.0, 0
+        total: torch.Tensor | float = 0.0
+        n = 0
         extra: dict[str, torch.Tensor] = {}
         steps = 0
         for x, y in self.data.train.batches(self.cfg["batch_size"], shuffle=self.cfg["shuffle"],
                                             generator=self.shuffle_gen):
-            out = self.model(x)
+            with self.autocast():
+                out = self.forward(x).float()
             loss = self.batch_loss(out, y)
             for name, (weight, term) in (penalties() if penalties is not None else {}).items():
                 if weight > 0:
@@ -168,14 +185,14 @@ class Trainer:
             self.optimizer.step()
             if self.pruner is not None:
                 self.pruner.mask()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"training loss became {value} in epoch {epoch}; lower lr "
-                                       f"(now {self.cfg['lr']:g}) or check the recording")
-            total += value * len(y)
+            total = total + loss.detach() * len(y)  # summed on the device: no host sync per step
             n += len(y)
             steps += 1
-        return {"train_loss": total / n, **{name: v.item() / steps for name, v in extra.items()}}
+        value = float(total) / n
+        if not math.isfinite(value):
+            raise TrainingDiverged(f"training loss became {value} in epoch {epoch}; lower lr "
+                                   f"(now {self.cfg['lr']:g}) or check the recording")
+        return {"train_loss": value, **{name: v.item() / steps for name, v in extra.items()}}
 
     def batch_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Data loss plus l1 x mean |output|: a mean, so the penalty does not grow with batch_size."""
@@ -190,7 +207,12 @@ class Trainer:
         """Model outputs for every sample of `windows`, in batches, in eval mode."""
         self.model.eval()
         batch = max(self.cfg["batch_size"], 1024)
-        return torch.cat([self.model(x) for x, _ in windows.batches(batch)])
+        with self.autocast():
+            return torch.cat([self.forward(x).float() for x, _ in windows.batches(batch)])
+
+    def autocast(self) -> Any:
+        """bf16 autocast of the forward pass when `precision` is bf16 (losses and metrics stay in fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg["precision"] == "bf16")
 
     def score(self, windows: WindowSet) -> tuple[float, torch.Tensor]:
         """Data loss and per-cell Pearson r of predicted rates against the split's targets."""
@@ -206,6 +228,10 @@ class Trainer:
     # ---- the run ---------------------------------------------------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> FitResult:
         """Train n_epochs (or until early stopping), then prune if asked; start after the checkpoint `resume`."""
+        with tf32(self.cfg["precision"] == "tf32"):
+            return self._fit(resume)
+
+    def _fit(self, resume: dict[str, Any] | None) -> FitResult:
         history: list[dict[str, float]] = []
         best_epoch, best_r, best_test = 0, -math.inf, math.nan
         start = 1
