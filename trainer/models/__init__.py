@@ -1,12 +1,16 @@
 """Model registry: maps the config's model_type to a model class and builds it from the hyperparameters.
 
-A model class provides `from_config(config, n_units)` and, for pruning, `conv_layers()`. It may also define
-`prepare(self, data: DataBundle) -> None`: the launcher calls it right after building the model, when the model
-has it, to set up what depends on the recording rather than on the hyperparameters (e.g. VaryModel with convgc
-reads each cell at its receptive-field peak, estimated from the training data). Keep what it sets in the state
-dict (parameters or persistent buffers) so checkpoints carry it, and do not draw from the global RNG there.
+A model class takes `n_units` and its settings as keyword arguments named like the hyperparameters they come
+from (the schema keys in trainer/config.py): `build_model` passes each one the config values its `__init__`
+names, so a class states what it uses once, in its signature. For pruning it provides `conv_layers()`.
+It may also define `prepare(self, data: DataBundle) -> None`: the launcher calls it right after building the
+model, when the model has it, to set up what depends on the recording rather than on the hyperparameters (e.g.
+VaryModel with convgc reads each cell at its receptive-field peak, estimated from the training data). Keep what it
+sets in the state dict (parameters or persistent buffers) so checkpoints carry it, and do not draw from the
+global RNG there.
 """
 
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,7 +43,14 @@ def build_model(config: Mapping[str, Any], n_units: int) -> nn.Module:
     name = config.get("model_type")
     if name not in MODELS:
         raise ConfigError(f"unknown model_type '{name}' (in hyperparams): available: {', '.join(available())}")
-    return MODELS[name].from_config(config, n_units)
+    cls = MODELS[name]
+    return cls(n_units=n_units, **settings_for(cls, config))
+
+
+def settings_for(cls: type, config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config values of the keyword arguments `cls.__init__` takes (every name but n_units is a schema key)."""
+    names = [n for n in inspect.signature(cls.__init__).parameters if n not in ("self", "n_units")]
+    return {n: config[n] for n in names}
 
 
 # Imported last: the model modules use register() defined above to add themselves to MODELS.

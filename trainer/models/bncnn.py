@@ -1,7 +1,6 @@
 """The two-layer batch-normalised CNN of retinal ganglion cells (BNCNN) and a linear-nonlinear (LN) baseline."""
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -96,24 +95,6 @@ class BNCNN(nn.Module):
         self.bn_out = nn.BatchNorm1d(n_units, momentum=bn_moment) if bnorm else nn.Identity()
         self.out_act = nn.Softplus() if softplus else nn.Identity()
 
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], n_units: int) -> "BNCNN":
-        """Build from a validated hyperparameter dict, picking only the keys this model uses."""
-        return cls(
-            n_units=n_units,
-            img_shape=config["img_shape"],
-            chans=config["chans"],
-            ksizes=config["ksizes"],
-            bnorm=config["bnorm"],
-            bnorm_d=config["bnorm_d"],
-            bias=config["bias"],
-            gc_bias=config["gc_bias"],
-            softplus=config["softplus"],
-            noise=config["noise"],
-            bn_moment=config["bn_moment"],
-            activ_fxn=config["activ_fxn"],
-        )
-
     def conv_layers(self) -> dict[str, nn.Conv2d]:
         """The intermediate conv layers by name, for tools (e.g. pruning) that act on their channels."""
         return {"conv1": self.conv1, "conv2": self.conv2}
@@ -142,11 +123,6 @@ class LN(nn.Module):
         history, height, width = self.img_shape
         self.readout = nn.Linear(history * height * width, n_units, bias=True)
         self.out_act = nn.Softplus() if softplus else nn.Identity()
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], n_units: int) -> "LN":
-        """Build from a validated hyperparameter dict, picking only the keys this model uses."""
-        return cls(n_units=n_units, img_shape=config["img_shape"], softplus=config["softplus"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.out_act(self.readout(x.flatten(1)))

@@ -1,8 +1,7 @@
 """RetinotopicModel: a fully convolutional CNN whose last map has one channel per cell, read out by a learned
 "one-hot" probability map over positions (OneHotReadout)."""
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -91,28 +90,6 @@ class RetinotopicModel(nn.Module):
         self.onehot = OneHotReadout(n_units, sizes[-1], rand_init=rand_onehot)
         self.bn_out = nn.BatchNorm1d(n_units, momentum=bn_moment) if bnorm else nn.Identity()
         self.out_act = nn.Softplus() if softplus else nn.Identity()
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], n_units: int) -> "RetinotopicModel":
-        """Build from a validated hyperparameter dict, picking only the keys this model uses."""
-        return cls(
-            n_units=n_units,
-            img_shape=config["img_shape"],
-            n_layers=config["n_layers"],
-            chans=config["chans"],
-            ksizes=config["ksizes"],
-            bnorm=config["bnorm"],
-            bnorm_d=config["bnorm_d"],
-            bias=config["bias"],
-            gc_bias=config["gc_bias"],
-            softplus=config["softplus"],
-            noise=config["noise"],
-            bn_moment=config["bn_moment"],
-            activ_fxn=config["activ_fxn"],
-            stackconvs=config["stackconvs"],
-            drop_p=config["drop_p"],
-            rand_onehot=config["rand_onehot"],
-        )
 
     def conv_layers(self) -> dict[str, nn.Module]:
         """The hidden conv layers by name (conv1, conv2, ...; not the per-cell conv), for pruning their channels."""

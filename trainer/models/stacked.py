@@ -4,9 +4,8 @@ Also holds the argument checks and feature-map planning shared by the models tha
 (LinearStackedBNCNN here, VaryModel and RetinotopicModel in their own modules).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from math import prod
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -248,25 +247,6 @@ class LinearStackedBNCNN(nn.Module):
         self.readout = nn.Linear(c2 * h2 * w2, n_units, bias=gc_bias)
         self.bn_out = PositiveBatchNorm1d(n_units, momentum=bn_moment) if bnorm else nn.Identity()
         self.out_act = nn.Softplus() if softplus else nn.Identity()
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], n_units: int) -> "LinearStackedBNCNN":
-        """Build from a validated hyperparameter dict, picking only the keys this model uses."""
-        return cls(
-            n_units=n_units,
-            img_shape=config["img_shape"],
-            chans=config["chans"],
-            ksizes=config["ksizes"],
-            bnorm=config["bnorm"],
-            bnorm_d=config["bnorm_d"],
-            bias=config["bias"],
-            gc_bias=config["gc_bias"],
-            softplus=config["softplus"],
-            noise=config["noise"],
-            bn_moment=config["bn_moment"],
-            activ_fxn=config["activ_fxn"],
-            drop_p=config["drop_p"],
-        )
 
     def conv_layers(self) -> dict[str, nn.Module]:
         """The intermediate conv layers (the stacks) by name, for pruning: see LinearStackedConv2d's docstring."""

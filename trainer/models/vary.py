@@ -3,7 +3,7 @@
 Also holds the hidden conv layer (ConvBlock) and the layer-count checks that RetinotopicModel shares.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -175,28 +175,6 @@ class VaryModel(nn.Module):
             self.readout = nn.Linear(last[0] * last[1] * last[2], n_units, bias=gc_bias)
         self.bn_out = nn.BatchNorm1d(n_units, momentum=bn_moment) if bnorm else nn.Identity()
         self.out_act = nn.Softplus() if softplus else nn.Identity()
-
-    @classmethod
-    def from_config(cls, config: Mapping[str, Any], n_units: int) -> "VaryModel":
-        """Build from a validated hyperparameter dict, picking only the keys this model uses."""
-        return cls(
-            n_units=n_units,
-            img_shape=config["img_shape"],
-            n_layers=config["n_layers"],
-            chans=config["chans"],
-            ksizes=config["ksizes"],
-            bnorm=config["bnorm"],
-            bnorm_d=config["bnorm_d"],
-            bias=config["bias"],
-            gc_bias=config["gc_bias"],
-            softplus=config["softplus"],
-            noise=config["noise"],
-            bn_moment=config["bn_moment"],
-            activ_fxn=config["activ_fxn"],
-            stackconvs=config["stackconvs"],
-            convgc=config["convgc"],
-            drop_p=config["drop_p"],
-        )
 
     def conv_layers(self) -> dict[str, nn.Module]:
         """The hidden conv layers by name (conv1, conv2, ...; not the GC layer), for pruning their channels."""
