@@ -10,9 +10,11 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 from conftest import SMALL
@@ -30,26 +32,45 @@ def make_search(folder: Path, exp_name: str, hp_extra: dict, ranges: dict) -> tu
     return hp, hr
 
 
-def parent_for(hp: Path, hr: Path, uri: str) -> str:
-    """Create the search's parent run the way `k8s render` does (in a subprocess, against the server)."""
-    code = ("import json,sys; from trainer.search import expand; from trainer.tracking import Tracker\n"
-            f"s = expand({str(hp)!r}, {str(hr)!r})\n"
-            "pid, _ = Tracker(s.exp_name).parent_run(s.search_id, s.exp_name, len(s.runs), list(s.searched_keys), {})\n"
-            "print(pid)")
-    env = dict(os.environ, MLFLOW_TRACKING_URI=uri)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip().splitlines()[-1]
+@dataclass
+class Job:
+    """What the rendered manifests tell a pod: its command, environment, config files and parallelism."""
+
+    command: list[str]
+    env: dict[str, str]
+    parallelism: int
+    completions: int
+    parent: str
 
 
-def pod(index: int, hp: Path, hr: Path, parent: str, uri: str, data_root: Path, workdir: Path) -> subprocess.Popen:
-    """One pod of the Job: a fresh working directory (its emptyDir), the Job's environment."""
+def render(folder: Path, hp: Path, hr: Path, uri: str, data_root: Path) -> Job:
+    """`retina-trainer k8s render` against the real server (it creates the parent run), then read the YAML the way
+    the cluster would: the ConfigMap's files become /config, the Job's container gives command and env."""
+    res = subprocess.run([sys.executable, "-m", "trainer", "k8s", "render", str(hp), str(hr), "--image", "img:1",
+                          "--tracking-uri", uri, "--parallelism", "2"], capture_output=True, text=True,
+                         env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    docs = list(yaml.safe_load_all(res.stdout))
+    config_dir = folder / "config"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    for cm in (d for d in docs if d["kind"] == "ConfigMap"):
+        for name, text in cm["data"].items():
+            (config_dir / name).write_text(text)
+    job = next(d for d in docs if d["kind"] == "Job")
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env["RETINA_DATA_ROOT"] = str(data_root)  # the read-only data volume, mounted here at the data root
+    command = [str(config_dir / Path(a).name) if a.startswith("/config/") else a for a in container["command"]]
+    return Job(command, env, job["spec"]["parallelism"], job["spec"]["completions"], env["RETINA_PARENT_RUN_ID"])
+
+
+def pod(index: int, job: Job, workdir: Path) -> subprocess.Popen:
+    """One pod of the Job: a fresh working directory (its emptyDir), the rendered environment and command."""
     workdir.mkdir(parents=True, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(JOB_COMPLETION_INDEX=str(index), RETINA_PARENT_RUN_ID=parent, MLFLOW_TRACKING_URI=uri,
-               RETINA_DATA_ROOT=str(data_root), MLFLOW_DISABLE_TELEMETRY="true",
-               MLFLOW_HTTP_REQUEST_MAX_RETRIES="2", MLFLOW_HTTP_REQUEST_TIMEOUT="20")
-    return subprocess.Popen([sys.executable, "-m", "trainer", "run-index", str(hp), str(hr)], cwd=workdir, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env.update(job.env, JOB_COMPLETION_INDEX=str(index), HOME=str(workdir))
+    cmd = [sys.executable, "-m", "trainer", *job.command[1:]]  # the image's `retina-trainer`, from this checkout
+    return subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def children(client: MlflowClient, exp_name: str) -> dict[int, list]:
@@ -77,9 +98,11 @@ def test_fan_out_two_at_a_time_then_second_pass_skips(tmp_path, data_root, mlflo
     hp, hr = make_search(tmp_path, "fanout", {"n_epochs": 2}, {"lr": [0.01, 0.003, 0.001], "chans": [[4, 4], [2, 4]]})
     search = expand(hp, hr)
     assert len(search.runs) == 6
-    parent = parent_for(hp, hr, mlflow_server)
-    for first in (0, 2, 4):  # parallelism 2
-        procs = [pod(i, hp, hr, parent, mlflow_server, data_root, tmp_path / f"pod{i}") for i in (first, first + 1)]
+    job = render(tmp_path, hp, hr, mlflow_server, data_root)
+    assert (job.completions, job.parallelism) == (6, 2)
+    parent = job.parent
+    for first in range(0, 6, job.parallelism):
+        procs = [pod(i, job, tmp_path / f"pod{i}") for i in range(first, first + job.parallelism)]
         for p in procs:
             out, err = p.communicate(timeout=300)
             assert p.returncode == 0, err[-3000:]
@@ -94,7 +117,7 @@ def test_fan_out_two_at_a_time_then_second_pass_skips(tmp_path, data_root, mlflo
         assert "latest.pt" in {Path(f.path).name for f in client.list_artifacts(r.info.run_id, "checkpoints")}
     # a second full pass skips all six
     for i in range(6):
-        p = pod(i, hp, hr, parent, mlflow_server, data_root, tmp_path / f"again{i}")
+        p = pod(i, job, tmp_path / f"again{i}")
         out, err = p.communicate(timeout=120)
         assert p.returncode == 0 and "already FINISHED" in err, err[-2000:]
     assert all(len(v) == 1 for v in children(client, "fanout").values())
@@ -102,7 +125,8 @@ def test_fan_out_two_at_a_time_then_second_pass_skips(tmp_path, data_root, mlflo
 
 def test_index_out_of_range_is_a_user_error(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout_range", {"n_epochs": 1}, {"lr": [0.01, 0.003]})
-    p = pod(7, hp, hr, "0" * 32, mlflow_server, data_root, tmp_path / "pod")
+    job = render(tmp_path, hp, hr, mlflow_server, data_root)
+    p = pod(7, job, tmp_path / "pod")
     out, err = p.communicate(timeout=60)
     assert p.returncode == 2
     assert "run index 7 is out of range: the search has 2 runs (0..1)" in err and "Traceback" not in err
@@ -110,15 +134,15 @@ def test_index_out_of_range_is_a_user_error(tmp_path, data_root, mlflow_server):
 
 def test_sigkill_then_restart_resumes_every_epoch_once(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout_kill", {"n_epochs": 12, "early_stopping": 0}, {"lr": [0.01]})
-    parent = parent_for(hp, hr, mlflow_server)
+    job = render(tmp_path, hp, hr, mlflow_server, data_root)
     client = MlflowClient(mlflow_server)
-    proc = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-a")
+    proc = pod(0, job, tmp_path / "pod-a")
     run_id = wait_for_epochs(client, "fanout_kill", 0, 3, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     assert client.get_run(run_id).info.status == "RUNNING"  # a killed pod cannot say anything
     # the retry is a new pod: a fresh working directory, so the checkpoint comes from MLflow
-    again = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-b")
+    again = pod(0, job, tmp_path / "pod-b")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     assert "resuming after epoch" in err
@@ -131,9 +155,9 @@ def test_sigkill_then_restart_resumes_every_epoch_once(tmp_path, data_root, mlfl
 
 def test_sigterm_ends_killed_with_a_checkpoint_and_resumes(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout_term", {"n_epochs": 12, "early_stopping": 0}, {"lr": [0.01]})
-    parent = parent_for(hp, hr, mlflow_server)
+    job = render(tmp_path, hp, hr, mlflow_server, data_root)
     client = MlflowClient(mlflow_server)
-    proc = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-a")
+    proc = pod(0, job, tmp_path / "pod-a")
     run_id = wait_for_epochs(client, "fanout_term", 0, 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=60)
@@ -144,7 +168,7 @@ def test_sigterm_ends_killed_with_a_checkpoint_and_resumes(tmp_path, data_root, 
     assert "latest.pt" in {Path(f.path).name for f in client.list_artifacts(run_id, "checkpoints")}
     logged = len(client.get_metric_history(run_id, "train_loss"))
     assert 2 <= logged < 12
-    again = pod(0, hp, hr, parent, mlflow_server, data_root, tmp_path / "pod-b")
+    again = pod(0, job, tmp_path / "pod-b")
     out, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     assert client.get_run(run_id).info.status == "FINISHED"

@@ -20,7 +20,7 @@ from trainer.errors import RunsFailed, Terminated, UserError
 class Main(click.Group):
     """The top-level group: lazy-loads the heavy `data` commands and turns UserError into one clear line."""
 
-    lazy = {"data": ("trainer.data.commands", "data")}
+    lazy = {"data": ("trainer.data.commands", "data"), "k8s": ("trainer.launch.k8s_commands", "k8s")}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
