@@ -115,6 +115,8 @@ def test_fan_out_two_at_a_time_then_second_pass_skips(tmp_path, data_root, mlflo
         assert r.data.tags["config_id"] == search.runs[i].config_id  # index i is run i of `expand`
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_pearson")] == [1, 2]
         assert "latest.pt" in {Path(f.path).name for f in client.list_artifacts(r.info.run_id, "checkpoints")}
+    # the pod that finished the last run closed the search's parent run
+    assert client.get_run(parent).info.status == "FINISHED"
     # a second full pass skips all six
     for i in range(6):
         p = pod(i, job, tmp_path / f"again{i}")

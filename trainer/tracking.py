@@ -177,6 +177,16 @@ class Tracker:
         self.client.update_run(run_id, status="RUNNING")
         return RunLog(self.client, run_id)
 
+    def finish_parent_if_complete(self, parent_id: str, config_ids: list[str]) -> bool:
+        """Mark the parent FINISHED when every run of its search has FINISHED (the last pod of a Job does it)."""
+        done = {r.data.tags.get(CONFIG_ID) for r in self._search(f"tags.{ROLE} = 'run' and "
+                                                                   f"attributes.status = 'FINISHED'")}
+        if not set(config_ids) <= done:
+            return False
+        if self.client.get_run(parent_id).info.status != FINISHED:
+            self.client.set_terminated(parent_id, FINISHED)
+        return True
+
     def end_parent(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 

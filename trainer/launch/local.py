@@ -303,9 +303,15 @@ def run_index(search: Search, index: int, parent_id: str, *, data_root: str | No
     earlier = tracker.prior_runs().get(spec.config_id, [])
     done = [p for p in earlier if p.status == FINISHED]
     if done:
-        return _skipped(spec, done[0], echo)
-    return execute(spec, search_id=search.search_id, parent_id=parent_id, tracker=tracker, prior=earlier, path=path,
-                   cache=DataCache(), echo=echo, progress=progress)
+        outcome = _skipped(spec, done[0], echo)
+    else:
+        outcome = execute(spec, search_id=search.search_id, parent_id=parent_id, tracker=tracker, prior=earlier,
+                          path=path, cache=DataCache(), echo=echo, progress=progress)
+    if outcome.status in ("FINISHED", "SKIPPED") and tracker.finish_parent_if_complete(
+            parent_id, [r.config_id for r in search.runs]):
+        echo(f"every run of search {search.search_id} is FINISHED: parent run {parent_id} marked FINISHED")
+    return outcome
+
 
 
 def summary_table(outcome: SearchOutcome) -> str:
