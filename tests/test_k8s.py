@@ -163,7 +163,10 @@ def test_configmap_holds_the_files_and_entry_i_of_expanded_json_is_run_i(tmp_pat
     assert listed["search_id"] == s.search_id and listed["exp_name"] == "k8s_test"
     assert [r["index"] for r in listed["runs"]] == list(range(len(s.runs)))
     assert [r["config_id"] for r in listed["runs"]] == [r.config_id for r in s.runs]
-    assert listed == json.loads(json.dumps(s.to_dict()))
+    # each entry with the shared config is the full run: base_config + searched values + seed
+    for entry, run in zip(listed["runs"], s.runs, strict=True):
+        full = {**listed["base_config"], **entry["searched"], "seed": entry["seed"]}
+        assert full == json.loads(json.dumps(run.config)) and entry["name"] == run.name
     # what a pod does: expand the mounted files again; index i must be the same run
     pod = tmp_path / "pod"
     pod.mkdir()
@@ -272,9 +275,11 @@ def test_render_rejects_bad_settings_with_a_user_error(tmp_path, kwargs, message
         rendered(tmp_path, **kwargs)
 
 
-def test_a_search_too_large_for_a_configmap_is_a_user_error(tmp_path):
+def test_a_thousand_run_search_fits_and_one_far_larger_is_a_user_error(tmp_path):
+    s, (cm, job) = rendered(tmp_path, ranges={"seed": list(range(500)), "lr": [0.01, 0.001]})
+    assert job["spec"]["completions"] == 1000 and len(json.loads(cm["data"]["expanded.json"])["runs"]) == 1000
     with pytest.raises(UserError, match="ConfigMap"):
-        rendered(tmp_path, ranges={"seed": list(range(1500)), "lr": [0.01, 0.001]})
+        rendered(tmp_path, ranges={"seed": list(range(5000)), "lr": [0.01, 0.001]})
 
 
 def _normalised(docs: list[dict]) -> list[dict]:

@@ -25,7 +25,7 @@ DATA_ROOT_ENV = "RETINA_DATA_ROOT"
 DEFAULT_DATA_ROOT = "~/experiments/data"
 RATES = "response/firing_rate_10ms"
 BIN_S = 0.01  # one time bin is 10 ms; used when `time` cannot tell
-CHUNK_VALUES = 1 << 24  # stimulus values per chunk when scanning (16 M: ~128 MB as float64)
+CHUNK_VALUES = 1 << 21  # stimulus values per chunk when scanning (2 M: ~16 MB as float64 or int64)
 
 # torch cannot index these unsigned types, so they are widened (without loss) when loaded into memory
 _WIDEN = {np.dtype(np.uint16): np.int32, np.dtype(np.uint32): np.int64, np.dtype(np.uint64): np.float64,

@@ -65,9 +65,11 @@ def _json_text(obj: Any) -> str:
 
 
 def expanded_text(search: Search) -> str:
-    """expanded.json: the search's header, then one run per line (compact, so large searches fit a ConfigMap)."""
-    head = {k: v for k, v in search.to_dict().items() if k != "runs"}
-    lines = [json.dumps(r.to_dict(), separators=(",", ":")) for r in search.runs]
+    """expanded.json: the search's header and shared config, then one run per line (index, name, config_id,
+    seed, searched values), compact so that large searches fit a ConfigMap."""
+    compact = search.to_compact_dict()
+    head = {k: v for k, v in compact.items() if k != "runs"}
+    lines = [json.dumps(r, separators=(",", ":")) for r in compact["runs"]]
     return json.dumps(head)[:-1] + ', "runs": [\n' + ",\n".join(lines) + "\n]}\n"
 
 

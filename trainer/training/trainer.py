@@ -206,7 +206,7 @@ class Trainer:
     def predict(self, windows: WindowSet) -> torch.Tensor:
         """Model outputs for every sample of `windows`, in batches, in eval mode."""
         self.model.eval()
-        batch = max(self.cfg["batch_size"], 1024)
+        batch = self.cfg["batch_size"]  # scoring batches no larger than training ones: peak memory stays put
         with self.autocast():
             return torch.cat([self.forward(x).float() for x, _ in windows.batches(batch)])
 
