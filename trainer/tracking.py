@@ -29,6 +29,7 @@ from trainer.errors import UserError  # noqa: E402
 ROLE, SEARCH_ID, CONFIG_ID, INDEX = "role", "search_id", "config_id", "run_index"
 PARENT_TAG, NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
 
 @dataclass
@@ -190,10 +191,6 @@ class Tracker:
     def end_parent(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
-
-FINISHED = RunStatus.to_string(RunStatus.FINISHED)
-FAILED = RunStatus.to_string(RunStatus.FAILED)
-KILLED = RunStatus.to_string(RunStatus.KILLED)
 
 
 # ---- registry and loading -----------------------------------------------------------------------------------------
