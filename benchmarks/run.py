@@ -521,7 +521,7 @@ def bench_throughput(res: Results, args: argparse.Namespace, tmp: Path, device: 
                 f"{median([t / g for t, g in zip(trn, gat)]) * 100:.1f}% of the Trainer epoch")
         res.add("throughput", f"{name}: val + test scoring share of an end-to-end epoch",
                 100 * median([ep["score"] / ep["epoch"] for ep in all_epochs]), "%",
-                f"{len(w.data.val)} val + {len(w.data.test)} test samples, batch max(batch_size, 1024); the test "
+                f"{len(w.data.val)} val + {len(w.data.test)} test samples, scored in batches of batch_size; the test "
                 f"split's part {100 * median([ep['score_test'] / ep['epoch'] for ep in all_epochs]):.1f}%")
         res.add("throughput", f"{name}: fixed cost per run (load, MLflow setup, final evaluation)",
                 median([e["wall"] - sum(ep["epoch"] for ep in e["epochs"]) for e in e2e]), "s",
@@ -662,7 +662,7 @@ def memory_child(path: str, batches: int, batch_size: int, big_batch: int, run_d
         return WindowSet(ws.stimulus, ws.rates, ws.starts[idx.to(ws.starts.device)], ws.history, ws.mean, ws.std)
 
     cfg = config.resolve({"img_shape": [40, 50, 50], "batch_size": batch_size, "n_epochs": 1, "early_stopping": 0})
-    score_n = max(big_batch or batch_size, 1024)  # Trainer.predict scores in batches of max(batch_size, 1024)
+    score_n = big_batch or batch_size  # Trainer.predict scores in batches of batch_size
     small = dataclasses.replace(
         data, train=subset(data.train, torch.randperm(len(data.train), generator=gen)[:n]),
         val=subset(data.val, torch.arange(min(score_n, len(data.val)))),
