@@ -45,11 +45,13 @@ SECTIONS = {
     "memory": "2 peak memory",
     "expand": "3 expand and render",
     "logging": "4 MLflow logging",
+    "pack": "5 packing",
 }
 READING_MARKER = "<!-- reading: text below this line is kept when the file is written again -->"
 N_CELLS = 5
 GOAL_RATIO = 0.9  # end-to-end samples/s at least 0.9x the reference loop
 GOAL_RSS = 2.0  # peak RSS under 2x the uint8 stimulus size
+GOAL_PACK = 3.0  # on a GPU, a pack of 32 at least 3x the model-samples/s of a sequential search
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,9 +262,10 @@ def timed_launch(stats: EpochStats) -> Iterator[None]:
             stats.begin()
             return super()._epoch(epoch)
 
-        def score(self, windows: Any) -> Any:
+        def predict(self, windows: Any) -> Any:  # scoring an epoch = predict + score_outputs (cheap)
             t = time.perf_counter()
-            out = super().score(windows)
+            out = super().predict(windows)
+            _sync(self.device)
             stats.add("score", time.perf_counter() - t)
             if windows is self.data.test:
                 stats.add("score_test", time.perf_counter() - t)
@@ -766,6 +769,105 @@ def bench_memory(res: Results, args: argparse.Namespace, tmp: Path) -> None:
 # 3: expand and render
 
 
+def pack_sizes(args: argparse.Namespace, cuda: bool) -> list[int]:
+    if args.pack_sizes:
+        return args.pack_sizes
+    if cuda:
+        return [8, 32]
+    return [4] if args.quick else [4, 8]
+
+
+def bench_pack(res: Results, args: argparse.Namespace, tmp: Path, device: str) -> None:
+    """K runs packed on one batch stream against the same K runs one after another: the training pass alone
+    (interleaved epochs, model-samples/s) and whole searches through run_search (wall time)."""
+    from trainer.launch.local import run_search, seed_everything
+    from trainer.models import build_model
+    from trainer.search import expand
+    from trainer.training.packed import PackedTrainer, StackedModels
+    from trainer.training.trainer import NullReporter, Trainer
+
+    cuda = device.startswith("cuda")
+    for shape in shapes(args, cuda):
+        folder = tmp / f"pack-{shape.name}"
+        folder.mkdir()
+        w = Workload(shape, folder, device)
+        full_cpu = shape.name == "full" and not cuda
+        reps = max(2, args.reps - 1) if full_cpu else args.reps
+
+        def member(i: int) -> Trainer:
+            cfg = dict(w.cfg, lr=w.cfg["lr"] * (1 + 0.1 * i), seed=100 + i)
+            seed_everything(cfg["seed"])
+            model = build_model(cfg, w.data.n_cells)
+            return Trainer(model, w.data, cfg, folder / f"m{i}", w.device, NullReporter())
+
+        solo = member(0)
+        for k in pack_sizes(args, cuda):
+            trainers = [member(i) for i in range(k)]
+            packed = PackedTrainer(trainers)
+            pack = StackedModels([t.model for t in trainers])
+
+            def solo_epoch() -> float:  # model-samples/s of one model = of K models one after another
+                _sync(w.device)
+                t = time.perf_counter()
+                solo.loops["train_loop"](1)
+                _sync(w.device)
+                return w.n_train / (time.perf_counter() - t)
+
+            def pack_epoch() -> float:
+                _sync(w.device)
+                t = time.perf_counter()
+                packed._train_epoch(pack, trainers)
+                _sync(w.device)
+                return k * w.n_train / (time.perf_counter() - t)
+
+            solo_epoch()
+            pack_epoch()  # warm-up (allocator, vmap tracing): not measured
+            one, many = [], []
+            for _ in range(reps):  # alternating, so that a change of load moves both sides
+                one.append(solo_epoch())
+                many.append(pack_epoch())
+            ratio = median([m / o for m, o in zip(many, one)])
+            note = f"{shape.label()}; {w.n_train} samples/epoch; median of {reps} alternating epochs"
+            res.add("pack", f"{shape.name}: one model, training pass", median(one), "model-samples/s", note)
+            res.add("pack", f"{shape.name}: pack of {k}, training pass", median(many), "model-samples/s",
+                    "K members' samples per second, one shared batch stream")
+            res.add("pack", f"{shape.name}: ratio pack of {k} / {k} sequential (training pass)", ratio, "x",
+                    "median of the per-repetition ratios")
+            if cuda and k == 32 and shape.name == "full":
+                res.goal(f"full pack of 32 / sequential = {ratio:.2f}x: "
+                         f"{'met' if ratio >= GOAL_PACK else 'missed'} (goal >= {GOAL_PACK} on a GPU)")
+
+        # whole searches: K runs (lr x K) through run_search, packed and one after another, same store
+        k = max(pack_sizes(args, cuda))
+        epochs = 1 if full_cpu else 2
+        uri = f"sqlite:///{folder / 'mlflow.db'}"
+        exp = f"pack_{shape.name}"
+        _prepare_store(uri, [exp], folder / "artifacts")
+        walls: dict[int, list[float]] = {1: [], k: []}
+        for r in range(1 if full_cpu or args.quick else 2):
+            for size in (1, k) if r % 2 == 0 else (k, 1):
+                hp = dict(w.hp, exp_name=exp, n_epochs=epochs, seed=5000 + 100 * r + size)
+                hp_file, hr_file = folder / "hp-pack.json", folder / "hr-pack.json"
+                hp_file.write_text(json.dumps(hp))
+                hr_file.write_text(json.dumps({"lr": [w.cfg["lr"] * (1 + 0.1 * i) for i in range(k)]}))
+                search = expand(hp_file, hr_file)
+                messages: list[str] = []
+                with tracking_uri(uri), contextlib.redirect_stdout(sys.stderr):
+                    t = time.perf_counter()
+                    outcome = run_search(search, echo=messages.append, progress=False, pack=size)
+                    walls[size].append(time.perf_counter() - t)
+                bad = [o for o in outcome.runs if o.status != "FINISHED"]
+                if bad:
+                    raise RuntimeError(f"packing benchmark run ended {bad[0].status}: {bad[0].error}")
+                print(f"  search of {k} runs, --pack {size}: {walls[size][-1]:.1f} s", file=sys.stderr)
+        seq, pk = median(walls[1]), median(walls[k])
+        res.add("pack", f"{shape.name}: search of {k} runs, one after another", seq, "s",
+                f"run_search, {epochs} epochs each, sqlite MLflow store, incl. scoring, checkpoints, evaluation")
+        res.add("pack", f"{shape.name}: the same search with --pack {k}", pk, "s", "")
+        res.add("pack", f"{shape.name}: search speed-up with --pack {k}", seq / pk, "x",
+                "wall time one after another / packed; the per-run final evaluation (plots) is not packed")
+
+
 def _timed_cmd(cmd: list[str], cwd: Path) -> float:
     t = time.perf_counter()
     p = subprocess.run(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -881,6 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-batch-size", type=int, default=4, help="batch size in the memory section")
     p.add_argument("--mem-big-batch", type=int, default=512,
                    help="one extra training step at this batch size in the memory section (0: none)")
+    p.add_argument("--pack-sizes", type=int, nargs="+", default=None,
+                   help="pack sizes K of the packing section (default 4 8 on CPU, 4 with --quick, 8 32 on CUDA)")
     p.add_argument("--out", type=Path, default=None, help="write the table, machine and command here (Markdown)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here as JSON")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
@@ -916,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
             bench_expand(res, args, tmp)
         if "memory" in args.only:
             bench_memory(res, args, tmp)
+        if "pack" in args.only:
+            bench_pack(res, args, tmp, device)
     finally:
         os.chdir(cwd)
         shutil.rmtree(tmp, ignore_errors=True)

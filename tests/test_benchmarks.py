@@ -17,7 +17,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
-SECTIONS = ("1 training throughput", "2 peak memory", "3 expand and render", "4 MLflow logging")
+SECTIONS = ("1 training throughput", "2 peak memory", "3 expand and render", "4 MLflow logging", "5 packing")
 
 
 def _load_run_module():
@@ -67,6 +67,10 @@ def test_quick_benchmark_prints_every_section_with_finite_positive_figures(tmp_p
     logging = " ".join(measured["4 MLflow logging"])
     for what in ("log_batch", "checkpoint uploads", "MLflow time / epoch training time"):
         assert what in logging, what
+    packing = " ".join(measured["5 packing"])
+    for what in ("one model, training pass", "pack of 4, training pass", "ratio pack of 4 / 4 sequential",
+                 "search of 4 runs, one after another", "the same search with --pack 4", "search speed-up"):
+        assert what in packing, what
     assert "2 peak memory" not in measured  # --quick skips the 1 GB recording
 
     # the same rows as JSON, and the Markdown file with the machine and the command

@@ -127,3 +127,84 @@ def test_user_errors_are_one_line_non_zero_and_leave_nothing(tmp_path, data_root
     assert "Traceback" not in res.stderr
     assert [ln for ln in res.stderr.splitlines() if ln.startswith("error:")] == res.stderr.strip().splitlines()[-1:]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_packed_search_trains_members_alone_in_mlflow_and_a_diverging_one_fails_alone(tmp_path, data_root,
+                                                                                          mlflow_server):
+    hp, hr = write_search(tmp_path, "e2e_pack", {"n_epochs": 2, "n_repeats": 2, "lossfxn": "MSELoss",
+                                                 "bnorm": False, "softplus": False},
+                          {"lr": [1e12, 0.01, 0.003]})
+    res = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--pack", "4"], tmp_path,
+              mlflow_server)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "6 runs to train in 2 packs (largest 4" in res.stderr
+    assert "2 of 6 runs did not finish" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.count("FAILED: training loss became nan in epoch 1") == 2
+    client = MlflowClient(mlflow_server)
+    parents, children = runs_of(client, "e2e_pack")
+    by_index = {int(c.data.tags["run_index"]): c for c in children}
+    assert {i: c.info.status for i, c in by_index.items()} == {0: "FAILED", 1: "FAILED", 2: "FINISHED",
+                                                               3: "FINISHED", 4: "FINISHED", 5: "FINISHED"}
+    assert parents[0].info.status == "FAILED"
+    names = [by_index[i].info.run_name for i in range(6)]
+    assert by_index[2].data.tags["pack"] == ", ".join(names[:4])
+    assert by_index[5].data.tags["pack"] == ", ".join(names[4:])
+    for i in range(2, 6):
+        c = by_index[i]
+        assert [m.step for m in client.get_metric_history(c.info.run_id, "val_pearson")] == [1, 2]
+        # runs 0 and 1 diverge in epoch 1 and leave the first pack: its other two train on as a pack of 2
+        sizes = [m.value for m in sorted(client.get_metric_history(c.info.run_id, "pack_size"), key=lambda m: m.step)]
+        assert sizes == ([4.0, 2.0] if i < 4 else [2.0, 2.0])
+        assert c.data.params["lr"] == ("0.01" if i < 4 else "0.003")
+        assert {"latest.pt", "best.pt"} <= {Path(f.path).name for f in client.list_artifacts(c.info.run_id,
+                                                                                              "checkpoints")}
+        assert "per_cell.csv" in {Path(f.path).name for f in client.list_artifacts(c.info.run_id, "eval")}
+        assert c.data.metrics["best_val_pearson"] > 0.05
+    # the two repeats of lr 0.01 start from their own seeds: different weights, different curves
+    v2, v3 = (by_index[i].data.metrics["val_pearson"] for i in (2, 3))
+    assert v2 != v3
+    # a rerun with packing skips the finished runs and packs only those left (which fail again)
+    again = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--pack", "4"], tmp_path,
+                mlflow_server)
+    assert again.returncode == 1 and again.stderr.count("already FINISHED") == 4
+    assert "2 runs to train in 1 packs" in again.stderr
+
+
+def test_sigterm_kills_every_member_of_a_pack_and_a_rerun_resumes_each(tmp_path, data_root, mlflow_server):
+    import signal
+    import time
+
+    hp, hr = write_search(tmp_path, "e2e_pack_term", {"n_epochs": 10, "n_repeats": 1, "early_stopping": 0},
+                          {"lr": [0.01, 0.005, 0.002]})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_DISABLE_TELEMETRY="true")
+    cmd = [sys.executable, "-m", "trainer", "search", hp, hr, "--data-root", str(data_root), "--no-progress",
+           "--pack", "3"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    client = MlflowClient(mlflow_server)
+    deadline = time.time() + 300
+    while time.time() < deadline:  # until every member has logged two epochs
+        exp = client.get_experiment_by_name("e2e_pack_term")
+        children = runs_of(client, "e2e_pack_term")[1] if exp else []
+        if len(children) == 3 and all(len(client.get_metric_history(c.info.run_id, "train_loss")) >= 2
+                                      for c in children):
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-3000:]
+    assert "Traceback" not in err
+    _, children = runs_of(client, "e2e_pack_term")
+    assert [c.info.status for c in children] == ["KILLED"] * 3
+    for c in children:
+        assert "latest.pt" in {Path(f.path).name for f in client.list_artifacts(c.info.run_id, "checkpoints")}
+    again = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--pack", "3"], tmp_path,
+                mlflow_server)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("resuming after epoch") == 3
+    _, after = runs_of(client, "e2e_pack_term")
+    assert {c.info.run_id for c in after} == {c.info.run_id for c in children}  # the same runs, resumed
+    for c in after:
+        assert c.info.status == "FINISHED"
+        assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "train_loss")) == list(range(1, 11))

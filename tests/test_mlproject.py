@@ -37,10 +37,11 @@ def argv_of(command: str, cwd: Path, env: dict[str, str]) -> list[str]:
 
 
 @pytest.mark.parametrize("params, expected_tail", [
-    ({}, ["--no-progress"]),
-    ({"hyperranges": "HR"}, ["HR", "--no-progress"]),
-    ({"data_root": "/my data"}, ["--data-root", "/my data", "--no-progress"]),
-    ({"hyperranges": "HR", "data_root": "/d"}, ["HR", "--data-root", "/d", "--no-progress"]),
+    ({}, ["--pack", "1", "--no-progress"]),
+    ({"hyperranges": "HR"}, ["HR", "--pack", "1", "--no-progress"]),
+    ({"data_root": "/my data"}, ["--data-root", "/my data", "--pack", "1", "--no-progress"]),
+    ({"hyperranges": "HR", "data_root": "/d", "pack": "8"}, ["HR", "--data-root", "/d", "--pack", "8",
+                                                             "--no-progress"]),
 ])
 def test_root_project_passes_optional_parameters_only_when_given(tmp_path, params, expected_tail):
     (tmp_path / "hp.json").write_text("{}")
@@ -59,6 +60,7 @@ def test_root_project_requires_hyperparams_and_declares_its_environment():
     params = project.get_entry_point("main").parameters
     assert params["hyperparams"].default is None  # required
     assert params["hyperranges"].default == "" and params["data_root"].default == ""
+    assert params["pack"].default == "1"
     assert project.env_type == "python_env" and Path(project.env_config_path).name == "python_env.yaml"
 
 
@@ -68,6 +70,7 @@ def test_container_project_commands_fit_the_image_entrypoint_and_the_kubernetes_
     # docker_env: MLflow appends the command after the image, so it is the entrypoint's (retina-trainer's) arguments
     main = shlex.split(project.get_entry_point("main").compute_command({}, None))
     assert main[:1] == ["search"] and "/search/hyperparams.json" in main and "/search/hyperranges.json" in main
+    assert main[main.index("--pack") + 1] == "1"
     single = shlex.split(project.get_entry_point("single").compute_command({}, None))
     assert single[:2] == ["search", "/search/hyperparams.json"] and "/search/hyperranges.json" not in single
     # the Kubernetes backend replaces the entrypoint with the command
@@ -112,7 +115,7 @@ def test_mlflow_run_makes_the_project_run_the_parent_of_the_search(tmp_path, dat
     assert parent.data.tags["role"] == "search"
     assert parent.data.tags["mlflow.project.entryPoint"] == "main"
     # the project's params as MLflow logged them, never re-logged by the trainer
-    assert set(parent.data.params) == {"hyperparams", "hyperranges", "data_root"}
+    assert set(parent.data.params) == {"hyperparams", "hyperranges", "data_root", "pack"}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and len(runs) == 3
     assert sorted(c.data.params["lr"] for c in children) == ["0.003", "0.01"]

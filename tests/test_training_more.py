@@ -239,16 +239,16 @@ def test_revert_restores_the_exact_copy_and_moves_to_the_next_layer(bundle, tmp_
 def test_a_drop_reverts_the_layer_and_the_next_layer_is_pruned_to_one_channel(bundle, tmp_path):
     rep = ListReporter()
     t = make(bundle, tmp_path, rep, **PRUNE)
-    real_score = t.score
+    real_score = t.score_outputs
 
-    def score(windows):  # simulate a collapse of validation r while a conv1 channel is being tried
-        loss, r = real_score(windows)
+    def score(out, windows):  # simulate a collapse of validation r while a conv1 channel is being tried
+        loss, r = real_score(out, windows)
         pending = t.pruner.pending
         if windows is bundle.val and pending is not None and pending["layer"] == "conv1":
             r = r - 3.0
         return loss, r
 
-    t.score = score
+    t.score_outputs = score
     result = t.fit()
     assert result.epochs_run == 1 + 1 + 3  # normal epoch, the reverted try, three conv2 prunings
     assert [m["pruned_conv1"] for _, m in rep.epochs] == [0, 0, 0, 0, 0]

@@ -115,12 +115,22 @@ def expand(hyperparams: str, hyperranges: str | None, as_json: bool) -> None:
               help="Folder holding <dataset>/<stim_type>.h5; overrides data_root in hyperparams.json and "
                    "$RETINA_DATA_ROOT (default ~/experiments/data).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Show a progress bar per run.")
-def search(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool) -> None:
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True, envvar="RETINA_PACK",
+              show_envvar=True,
+              help="Train up to K runs at a time in one process on one batch stream, when they differ only in "
+                   "optimiser settings, stopping rule and seed (e.g. lr x l2 x repeats). Each keeps its own "
+                   "initial weights, optimizer, early stopping, checkpoints and MLflow run.")
+def search(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool, pack: int) -> None:
     """Train every run of a search and log each to MLflow as a child of one search run.
 
     Logs to $MLFLOW_TRACKING_URI when set, else to the embedded store in the working directory (open it with
     `mlflow ui`). Runs already FINISHED with the same configuration are skipped; an interrupted run resumes from
     its latest checkpoint. Exits 2 on bad input (before anything trains), 1 if any run failed.
+
+    With --pack K, runs that may share a forward pass (same recording, architecture, batch size, loss, precision
+    and device; no prune, retinotopic_loop or compile) train K at a time as one vectorised model: on a GPU this
+    keeps the device busy with small models. Packed runs share the batch order and the noise layers' random
+    stream; otherwise each trains as it would alone.
     """
     from trainer.search import expand as do_expand
 
@@ -134,7 +144,7 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
 
     _on_sigterm()
     outcome = run_search(s, data_root=data_root, echo=lambda m: click.echo(m, err=True), progress=progress,
-                         files=files)
+                         files=files, pack=pack)
     click.echo(summary_table(outcome))
     click.echo(f"parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
     if outcome.failed:

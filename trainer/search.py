@@ -119,3 +119,42 @@ def expand(hyperparams: str | Path, hyperranges: str | Path | None = None) -> Se
     search_id = _digest([r.config_id for r in runs], 10)
     return Search(search_id=search_id, exp_name=base["exp_name"], runs=tuple(runs), searched_keys=keys,
                   warnings=tuple(params.warnings + ranges.warnings))
+
+
+# ---- packing: runs that can train together on one device, sharing each batch -------------------------------------
+
+# The settings in which the members of a pack may differ: the optimiser, the stopping rule and the seed (each member
+# builds its own initial weights from it). Every other setting (recording, architecture, batch size, loss, precision,
+# device) must be equal, since the pack runs one forward pass over one batch stream.
+PACK_MEMBER_KEYS = frozenset({
+    "seed", "lr", "l2", "l1", "n_epochs", "early_stopping", "save_every_epoch",
+    "scheduler", "scheduler_scale", "scheduler_patience", "scheduler_thresh", "scheduler_milestones",
+})
+
+
+def pack_key(cfg: dict[str, Any]) -> str | None:
+    """What runs must share to train in one pack, or None for a run that always trains alone: pruning (it changes
+    each member's channels), the retinotopic loop (its extra terms read each model's read-out) and compile."""
+    if cfg["prune"] or cfg["train_loop"] != "train_loop" or cfg["compile"]:
+        return None
+    return _digest({k: v for k, v in cfg.items() if k not in PACK_MEMBER_KEYS}, 16)
+
+
+def plan_packs(runs: list[RunSpec] | tuple[RunSpec, ...], size: int) -> list[list[RunSpec]]:
+    """Group runs into packs of at most `size` runs with equal pack keys, in run order (a pack's place is its first
+    run's); runs that cannot be packed, and all runs when size is 1, form packs of one."""
+    if size < 1:
+        raise ConfigError(f"--pack must be at least 1, got {size}")
+    packs: list[list[RunSpec]] = []
+    open_packs: dict[str, list[RunSpec]] = {}
+    for spec in runs:
+        key = pack_key(spec.config) if size > 1 else None
+        pack = open_packs.get(key) if key is not None else None
+        if pack is None or len(pack) >= size:
+            pack = [spec]
+            packs.append(pack)
+            if key is not None:
+                open_packs[key] = pack
+        else:
+            pack.append(spec)
+    return packs

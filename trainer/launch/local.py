@@ -27,7 +27,7 @@ from trainer.errors import DataError, UserError
 from trainer.models import build_model
 from trainer.search import RunSpec, Search
 from trainer.training import checkpoint
-from trainer.training.trainer import Trainer, resolve_device
+from trainer.training.trainer import FitResult, Trainer, resolve_device
 
 Echo = Callable[[str], None]
 
@@ -134,10 +134,21 @@ def _resume_state(spec: RunSpec, folder: Path, log: Any) -> dict[str, Any] | Non
     return best
 
 
-def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prior: list[Any], path: Path,
-            cache: DataCache, echo: Echo, progress: bool = True) -> RunOutcome:
-    """Train one run (or resume it), logging it as a child of `parent_id`; never raises for a failed run."""
-    cfg = spec.config
+@dataclass
+class _Member:
+    """One run of a group being trained: its MLflow run, folder, checkpoint to resume and, once built, Trainer."""
+
+    spec: RunSpec
+    log: Any
+    folder: Path
+    resume: dict[str, Any] | None
+    outcome: RunOutcome
+    trainer: Trainer | None = None
+    ended: bool = False
+
+
+def _open_run(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prior: list[Any]) -> _Member:
+    """The run's MLflow child (an interrupted one reopened, with the checkpoint it resumes from) and folder."""
     folder = run_dir(spec)
     unfinished = [p for p in prior if p.status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED")]
     log, resume = None, None
@@ -148,67 +159,151 @@ def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prio
             log.end("FAILED")
             log = None
     if log is None:
-        log = tracker.start_child(parent_id, search_id, spec.index, spec.name, spec.config_id, cfg)
-    outcome = RunOutcome(spec, "FAILED", run_id=log.run_id)
+        log = tracker.start_child(parent_id, search_id, spec.index, spec.name, spec.config_id, spec.config)
+    return _Member(spec, log, folder, resume, RunOutcome(spec, "FAILED", run_id=log.run_id))
+
+
+def _build(m: _Member, data: DataBundle, device: torch.device, echo: Echo,
+           on_epoch: Callable[[int, dict[str, float]], None] | None) -> Trainer:
+    """The member's model (seeded by its own seed, so its initial weights are those of the run alone) and Trainer;
+    epochs it had checkpointed but not logged before an interruption are logged now."""
+    spec, cfg = m.spec, m.spec.config
+    m.folder.mkdir(parents=True, exist_ok=True)
+    seed_everything(spec.seed)
+    model = build_model(cfg, data.n_cells)
+    if hasattr(model, "prepare"):  # models that set themselves up from the data (e.g. read-out positions)
+        model.prepare(data)
+    if m.resume is not None:
+        logged = m.log.logged_steps()
+        for row in m.resume["history"]:
+            if row["epoch"] not in logged:
+                m.log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        echo(f"run {spec.index} {spec.name}: resuming after epoch {m.resume['epoch']}")
+    return Trainer(model, data, cfg, m.folder, device, reporter=m.log, on_epoch=on_epoch)
+
+
+def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo) -> None:
+    """Log the run's summary and the evaluation of its best checkpoint, and end it FINISHED."""
+    assert m.trainer is not None
+    summary = {"best_val_pearson": result.best_val_pearson, "best_epoch": result.best_epoch,
+               "test_pearson_at_best": result.test_pearson_at_best, "epochs_run": result.epochs_run,
+               "stopped_early": float(result.stopped_early)}
+    m.log.log_metrics(summary, step=result.epochs_run)
+    _evaluate_best(m.trainer, data, m.folder, result.history, m.log, echo)
+    m.log.end("FINISHED")
+    m.ended = True
+    m.outcome.status = "FINISHED"
+    m.outcome.best_val_pearson, m.outcome.test_pearson = result.best_val_pearson, result.test_pearson_at_best
+    m.outcome.best_epoch = result.best_epoch
+
+
+def _fail(m: _Member, exc: BaseException, echo: Echo, tb: str | None = None) -> None:
+    """End the run FAILED: a user error with its one line, anything else (a bug) with its traceback."""
+    spec = m.spec
+    if isinstance(exc, UserError):
+        m.outcome.error, m.outcome.user_error = str(exc), True
+        m.log.set_tag("error", m.outcome.error[:5000])
+        echo(f"run {spec.index} {spec.name} FAILED: {exc}")
+    else:
+        tb = tb or "".join(traceback.format_exception(exc))
+        m.outcome.error = f"{type(exc).__name__}: {exc}"
+        m.log.set_tag("error", tb[-5000:])
+        echo(f"run {spec.index} {spec.name} FAILED:\n{tb}")
+    m.log.end("FAILED")
+    m.ended = True
+
+
+def _kill(m: _Member) -> None:
+    """End an interrupted run KILLED; its latest epoch checkpoint is what resumes it."""
+    m.outcome.status = "KILLED"
+    latest = checkpoint.latest(m.folder)
+    if latest is not None:  # upload it again in case the interruption cut the last upload short
+        m.log.checkpoint(latest, checkpoint.LATEST)
+    m.log.end("KILLED")
+    m.ended = True
+
+
+def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prior: list[Any], path: Path,
+            cache: DataCache, echo: Echo, progress: bool = True) -> RunOutcome:
+    """Train one run (or resume it), logging it as a child of `parent_id`; never raises for a failed run."""
+    return execute_pack([spec], search_id=search_id, parent_id=parent_id, tracker=tracker,
+                        prior={spec.config_id: prior}, path=path, cache=cache, echo=echo, progress=progress)[0]
+
+
+def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracker: Any, prior: dict[str, list[Any]],
+                 path: Path, cache: DataCache, echo: Echo, progress: bool = True) -> list[RunOutcome]:
+    """Train a group of runs that share recording and architecture (or resume them), each logged as a child of
+    `parent_id`: one run alone with its own Trainer, several packed on one batch stream (trainer/training/packed.py).
+    A failing run ends FAILED and the others go on; Ctrl-C or SIGTERM ends the unfinished ones KILLED and
+    propagates. Never raises for a failed run."""
+    members = [_open_run(s, search_id=search_id, parent_id=parent_id, tracker=tracker, prior=prior.get(s.config_id, []))
+               for s in specs]
+    cfg = specs[0].config
     bar = None
     try:
-        folder.mkdir(parents=True, exist_ok=True)
         device = resolve_device(cfg["device"])
-        seed_everything(spec.seed)
         data = cache.get(path, cfg, device)
-        model = build_model(cfg, data.n_cells)
-        if hasattr(model, "prepare"):  # models that set themselves up from the data (e.g. read-out positions)
-            model.prepare(data)
-        if resume is not None:
-            logged = log.logged_steps()
-            for row in resume["history"]:  # epochs checkpointed but not yet logged before the interruption
-                if row["epoch"] not in logged:
-                    log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
-            echo(f"run {spec.index} {spec.name}: resuming after epoch {resume['epoch']}")
         if progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=None if cfg["prune"] else cfg["n_epochs"],  # pruning adds epochs past n_epochs
-                       initial=resume["epoch"] if resume else 0,
-                       desc=f"run {spec.index}/{spec.name}"[:60], unit="epoch", leave=True)
+            desc = f"run {specs[0].index}/{specs[0].name}" if len(specs) == 1 else \
+                f"pack of {len(specs)}: runs {', '.join(str(s.index) for s in specs)}"
+            bar = tqdm(total=None if cfg["prune"] else max(s.config["n_epochs"] for s in specs),  # pruning adds epochs
+                       initial=min(m.resume["epoch"] if m.resume else 0 for m in members),
+                       desc=desc[:60], unit="epoch", leave=True)
 
-        def on_epoch(epoch: int, m: dict[str, float]) -> None:
+        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             if bar is not None:
-                bar.set_postfix(loss=f"{m['train_loss']:.4f}", val_r=f"{m['val_pearson']:.3f}")
+                bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_r=f"{metrics['val_pearson']:.3f}")
                 bar.update(1)
 
-        trainer = Trainer(model, data, cfg, folder, device, reporter=log, on_epoch=on_epoch)
-        result = trainer.fit(resume=resume)
-        summary = {"best_val_pearson": result.best_val_pearson, "best_epoch": result.best_epoch,
-                   "test_pearson_at_best": result.test_pearson_at_best, "epochs_run": result.epochs_run,
-                   "stopped_early": float(result.stopped_early)}
-        log.log_metrics(summary, step=result.epochs_run)
-        _evaluate_best(trainer, data, folder, result.history, log, echo)
-        log.end("FINISHED")
-        outcome.status = "FINISHED"
-        outcome.best_val_pearson, outcome.test_pearson = result.best_val_pearson, result.test_pearson_at_best
-        outcome.best_epoch = result.best_epoch
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated): the latest epoch checkpoint is what resumes
-        outcome.status = "KILLED"
-        latest = checkpoint.latest(folder)
-        if latest is not None:  # upload it again in case the interruption cut the last upload short
-            log.checkpoint(latest, checkpoint.LATEST)
-        log.end("KILLED")
+        def on_pack_epoch(reported: list[dict[str, float]]) -> None:
+            if bar is not None and reported:
+                bar.set_postfix(runs=len(reported), best_val_r=f"{max(r['val_pearson'] for r in reported):.3f}")
+                bar.update(1)
+
+        for m in members:
+            try:
+                m.trainer = _build(m, data, device, echo, on_epoch if len(members) == 1 else None)
+            except (UserError, RuntimeError, ValueError) as exc:  # this run's settings; the others may be fine
+                _fail(m, exc, echo)
+        live = [m for m in members if not m.ended]
+        if len(live) == 1:
+            m = live[0]
+            _finish(m, m.trainer.fit(resume=m.resume), data, echo)
+        elif live:
+            from trainer.training.packed import PackedTrainer
+
+            for m in live:
+                m.log.set_tag("pack", ", ".join(s.name for s in specs))
+
+            def on_done(i: int, result: FitResult | Exception) -> None:
+                m = live[i]
+                try:
+                    if isinstance(result, Exception):
+                        raise result
+                    _finish(m, result, data, echo)
+                except (KeyboardInterrupt, SystemExit):
+                    raise
+                except Exception as exc:
+                    if not m.ended:
+                        _fail(m, exc, echo)
+
+            PackedTrainer([m.trainer for m in live], on_epoch=on_pack_epoch).fit([m.resume for m in live], on_done)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated): each run's latest epoch checkpoint resumes it
+        for m in members:
+            if not m.ended:
+                _kill(m)
         raise
-    except UserError as exc:
-        outcome.error, outcome.user_error = str(exc), True
-        log.set_tag("error", outcome.error[:5000])
-        log.end("FAILED")
-        echo(f"run {spec.index} {spec.name} FAILED: {exc}")
-    except Exception as exc:  # a bug, not a user error: keep the traceback for the report
-        outcome.error = f"{type(exc).__name__}: {exc}"
-        log.set_tag("error", traceback.format_exc()[-5000:])
-        log.end("FAILED")
-        echo(f"run {spec.index} {spec.name} FAILED:\n{traceback.format_exc()}")
+    except Exception as exc:  # the shared part failed (recording, device, the pack itself): every open run fails
+        tb = traceback.format_exc()
+        for m in members:
+            if not m.ended:
+                _fail(m, exc, echo, tb)
     finally:
         if bar is not None:
             bar.close()
-    return outcome
+    return [m.outcome for m in members]
 
 
 def _skipped(spec: RunSpec, done: Any, echo: Echo) -> RunOutcome:
@@ -250,10 +345,15 @@ def _plot_search(outcome: SearchOutcome, tracker: Any, parent_id: str) -> None:
 
 
 def run_search(search: Search, *, data_root: str | None = None, echo: Echo = print, progress: bool = True,
-               files: dict[str, dict[str, Any]] | None = None) -> SearchOutcome:
-    """Check, then train every run of `search` that is not already FINISHED, logging to MLflow."""
+               files: dict[str, dict[str, Any]] | None = None, pack: int = 1) -> SearchOutcome:
+    """Check, then train every run of `search` that is not already FINISHED, logging to MLflow.
+
+    With `pack` > 1, runs that differ only in optimiser settings, stopping rule and seed train up to `pack` at a
+    time on one batch stream (`trainer.search.plan_packs`); the others train alone."""
     from trainer.tracking import FINISHED, Tracker
 
+    if pack < 1:
+        raise UserError(f"--pack must be at least 1, got {pack}: 1 trains runs one at a time")
     paths = preflight(search, data_root)
     tracker = Tracker(search.exp_name)
     parent_id, owns_parent = tracker.parent_run(search.search_id, search.exp_name, len(search.runs),
@@ -261,18 +361,27 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
     outcome = SearchOutcome(search, parent_id, tracker.uri)
     echo(f"search {search.search_id}: {len(search.runs)} runs, experiment '{search.exp_name}' in {tracker.uri}")
     prior = tracker.prior_runs()
+    pending = []
+    for spec in search.runs:
+        done = [p for p in prior.get(spec.config_id, []) if p.status == FINISHED]
+        if done:
+            outcome.runs.append(_skipped(spec, done[0], echo))
+        else:
+            pending.append(spec)
+    packs = search_mod.plan_packs(pending, pack)
+    if pack > 1:
+        sizes = [len(p) for p in packs]
+        echo(f"{len(pending)} runs to train in {len(packs)} packs (largest {max(sizes, default=0)}; runs that "
+             f"differ in more than optimiser settings, stopping rule and seed, or prune, train_loop "
+             f"retinotopic_loop or compile, train alone)")
     cache = DataCache()
     status = "FINISHED"
     try:
-        for spec in search.runs:
-            earlier = prior.get(spec.config_id, [])
-            done = [p for p in earlier if p.status == FINISHED]
-            if done:
-                outcome.runs.append(_skipped(spec, done[0], echo))
-                continue
-            outcome.runs.append(execute(spec, search_id=search.search_id, parent_id=parent_id, tracker=tracker,
-                                        prior=earlier, path=paths[spec.index], cache=cache, echo=echo,
-                                        progress=progress))
+        for group in packs:
+            outcome.runs.extend(execute_pack(group, search_id=search.search_id, parent_id=parent_id,
+                                             tracker=tracker, prior=prior, path=paths[group[0].index], cache=cache,
+                                             echo=echo, progress=progress))
+        outcome.runs.sort(key=lambda r: r.spec.index)
         _plot_search(outcome, tracker, parent_id)
         if outcome.failed:
             status = "FAILED"

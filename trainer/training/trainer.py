@@ -216,7 +216,10 @@ class Trainer:
 
     def score(self, windows: WindowSet) -> tuple[float, torch.Tensor]:
         """Data loss and per-cell Pearson r of predicted rates against the split's targets."""
-        out = self.predict(windows)
+        return self.score_outputs(self.predict(windows), windows)
+
+    def score_outputs(self, out: torch.Tensor, windows: WindowSet) -> tuple[float, torch.Tensor]:
+        """Data loss and per-cell Pearson r of the outputs `out` for every sample of `windows`."""
         targets = windows.targets.to(out.device)
         loss = self.loss_fn(out, targets).item()
         return loss, pearson_per_cell(self.as_rates(out), targets)
@@ -229,12 +232,18 @@ class Trainer:
     def fit(self, resume: dict[str, Any] | None = None) -> FitResult:
         """Train n_epochs (or until early stopping), then prune if asked; start after the checkpoint `resume`."""
         with tf32(self.cfg["precision"] == "tf32"):
-            return self._fit(resume)
+            self.start(resume)
+            while (epoch := self.next_epoch()) is not None:
+                self.end_epoch(epoch, self._epoch(epoch))
+            return self.result()
 
-    def _fit(self, resume: dict[str, Any] | None) -> FitResult:
-        history: list[dict[str, float]] = []
-        best_epoch, best_r, best_test = 0, -math.inf, math.nan
-        start = 1
+    # The run in steps, so that a pack (trainer/training/packed.py) can drive several Trainers through one
+    # shared epoch: start, then next_epoch / (train and score) / end_epoch until next_epoch says None, then result.
+    def start(self, resume: dict[str, Any] | None = None) -> None:
+        """Begin the run, or go on after the checkpoint `resume` (weights, optimizer, schedule, RNGs, history)."""
+        self.history: list[dict[str, float]] = []
+        self.best_epoch, self.best_r, self.best_test = 0, -math.inf, math.nan
+        self.epoch, self.done, self._pruning = 0, False, False
         if resume is not None:
             self.model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
@@ -242,58 +251,81 @@ class Trainer:
                 self.scheduler.load_state_dict(resume["scheduler"])
             self.shuffle_gen.set_state(resume["shuffle_rng"])
             torch.set_rng_state(resume["torch_rng"])
-            history = list(resume["history"])
-            best_epoch, best_r, best_test = resume["best_epoch"], resume["best_val_pearson"], resume["best_test"]
-            start = resume["epoch"] + 1
+            self.history = list(resume["history"])
+            self.best_epoch, self.best_r, self.best_test = \
+                resume["best_epoch"], resume["best_val_pearson"], resume["best_test"]
+            self.epoch = resume["epoch"]
             if self.pruner is not None and resume.get("pruning") is not None:
                 self.pruner.load_state_dict(resume["pruning"])
 
-        n_epochs, patience, pruner = self.cfg["n_epochs"], self.cfg["early_stopping"], self.pruner
-        stopped_early = False
-        epoch = start - 1
-        while True:
-            # Normal epochs up to n_epochs; then, with prune, pruning epochs until no layer is left.
-            pruning = pruner is not None and pruner.active
-            if pruning and not pruner.begin(epoch + 1, self._importance_inputs()):
-                break
-            if not pruning and epoch >= n_epochs:
-                break
-            epoch += 1
-            metrics = self._epoch(epoch)
-            if pruning:
-                pruner.end_epoch(epoch, metrics["val_pearson"])  # may revert to the copy taken before pruning
-            if pruner is not None:
-                metrics.update(pruner.metrics())
-            history.append({"epoch": epoch, **metrics})
+    def next_epoch(self) -> int | None:
+        """The number of the epoch to train next, or None when the run is over.
 
-            # A reverted epoch is never an improvement: its r is below a baseline that an earlier epoch scored.
-            improved = metrics["val_pearson"] > best_r
-            if improved:
-                best_epoch, best_r, best_test = epoch, metrics["val_pearson"], metrics["test_pearson"]
-            normal_over = not pruning and (epoch >= n_epochs or bool(patience) and epoch - best_epoch >= patience)
-            if normal_over:
-                stopped_early = epoch < n_epochs
-                if pruner is not None:  # before the checkpoint, so that a resume goes on pruning
-                    pruner.start(epoch, metrics["val_pearson"])
-            self._checkpoint(epoch, metrics, history, best_epoch, best_r, best_test, improved)
-            self.reporter.epoch(epoch, metrics)
-            if self.on_epoch is not None:
-                self.on_epoch(epoch, metrics)
-            if normal_over and pruner is None:
-                break
-        if pruner is not None and pruner.active:
-            stopped_early = pruner.normal_epochs < n_epochs
+        Normal epochs go up to n_epochs (or early stopping); then, with prune, pruning epochs until no layer is left.
+        """
+        pruner = self.pruner
+        self._pruning = pruner is not None and pruner.active
+        if self.done:
+            return None
+        if self._pruning and not pruner.begin(self.epoch + 1, self._importance_inputs()):
+            self.done = True
+        elif not self._pruning and self.epoch >= self.cfg["n_epochs"]:
+            self.done = True
+        if self.done:
+            return None
+        self.epoch += 1
+        return self.epoch
+
+    def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Judge a trained and scored epoch: best so far, early stopping, pruning; checkpoint and report it."""
+        n_epochs, patience, pruner, pruning = self.cfg["n_epochs"], self.cfg["early_stopping"], self.pruner, \
+            self._pruning
+        if pruning:
+            pruner.end_epoch(epoch, metrics["val_pearson"])  # may revert to the copy taken before pruning
+        if pruner is not None:
+            metrics.update(pruner.metrics())
+        self.history.append({"epoch": epoch, **metrics})
+
+        # A reverted epoch is never an improvement: its r is below a baseline that an earlier epoch scored.
+        improved = metrics["val_pearson"] > self.best_r
+        if improved:
+            self.best_epoch, self.best_r, self.best_test = epoch, metrics["val_pearson"], metrics["test_pearson"]
+        normal_over = not pruning and (epoch >= n_epochs or bool(patience) and epoch - self.best_epoch >= patience)
+        if normal_over and pruner is not None:  # before the checkpoint, so that a resume goes on pruning
+            pruner.start(epoch, metrics["val_pearson"])
+        self._checkpoint(epoch, metrics, improved)
+        self.reporter.epoch(epoch, metrics)
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, metrics)
+        if normal_over and pruner is None:
+            self.done = True
+
+    def result(self) -> FitResult:
+        """What the run achieved (and, after pruning, pruning.json written and reported)."""
+        n_epochs = self.cfg["n_epochs"]
+        normal_epochs = self.epoch
+        if self.pruner is not None and self.pruner.active:
+            normal_epochs = self.pruner.normal_epochs
             self._write_pruning_report()
-        return FitResult(epochs_run=epoch, best_epoch=best_epoch, best_val_pearson=best_r,
-                         test_pearson_at_best=best_test, stopped_early=stopped_early, history=history)
+        return FitResult(epochs_run=self.epoch, best_epoch=self.best_epoch, best_val_pearson=self.best_r,
+                         test_pearson_at_best=self.best_test, stopped_early=normal_epochs < n_epochs,
+                         history=self.history)
 
     def _epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch with the selected loop, score validation and test, step the scheduler: the metrics."""
         t0 = time.perf_counter()
         metrics = self.loops[self.cfg["train_loop"]](epoch)
         train_seconds = time.perf_counter() - t0
-        val_loss, val_r = self.score(self.data.val)
-        test_loss, test_r = self.score(self.data.test)
+        return self.scored(metrics, self.predict(self.data.val), self.predict(self.data.test), t0, train_seconds)
+
+    def scored(self, metrics: dict[str, float], val_out: torch.Tensor, test_out: torch.Tensor, t0: float,
+               train_seconds: float) -> dict[str, float]:
+        """An epoch's metrics from its training losses and outputs on validation and test; steps the scheduler.
+
+        `t0` is when the epoch began (perf_counter) and `train_seconds` how long its training pass took.
+        """
+        val_loss, val_r = self.score_outputs(val_out, self.data.val)
+        test_loss, test_r = self.score_outputs(test_out, self.data.test)
         metrics.update(val_loss=val_loss, val_pearson=val_r.mean().item(), test_loss=test_loss,
                        test_pearson=test_r.mean().item(), lr=self.optimizer.param_groups[0]["lr"])
         for cid, v, t in zip(self.data.cell_ids, val_r.tolist(), test_r.tolist()):
@@ -319,13 +351,14 @@ class Trainer:
         path.write_text(json.dumps(self.pruner.report(), indent=2) + "\n")
         self.reporter.checkpoint(path, PRUNING_REPORT)
 
-    def _checkpoint(self, epoch: int, metrics: dict[str, float], history: list[dict[str, float]],
-                    best_epoch: int, best_r: float, best_test: float, improved: bool) -> None:
+    def _checkpoint(self, epoch: int, metrics: dict[str, float], improved: bool) -> None:
         """Write this epoch's checkpoint (and best.pt when it improved); keep older epochs only if asked."""
         state = {
-            "epoch": epoch, "metrics": metrics, "history": history,
-            "best_epoch": best_epoch, "best_val_pearson": best_r, "best_test": best_test,
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "epoch": epoch, "metrics": metrics, "history": self.history,
+            "best_epoch": self.best_epoch, "best_val_pearson": self.best_r, "best_test": self.best_test,
+            # cloned: a packed model's tensors are views of the pack's stacked ones, which torch.save would write
+            "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "torch_rng": torch.get_rng_state(), "shuffle_rng": self.shuffle_gen.get_state(),
             "config": self.cfg, "norm": self.data.norm_stats(), "cell_ids": list(self.data.cell_ids),
