@@ -524,8 +524,8 @@ def bench_throughput(res: Results, args: argparse.Namespace, tmp: Path, device: 
                 f"{median([t / g for t, g in zip(trn, gat)]) * 100:.1f}% of the Trainer epoch")
         res.add("throughput", f"{name}: val + test scoring share of an end-to-end epoch",
                 100 * median([ep["score"] / ep["epoch"] for ep in all_epochs]), "%",
-                f"{len(w.data.val)} val + {len(w.data.test)} test samples, scored in batches of batch_size; the test "
-                f"split's part {100 * median([ep['score_test'] / ep['epoch'] for ep in all_epochs]):.1f}%")
+                f"{len(w.data.val)} val + {len(w.data.test)} test samples, scored in batches of min(batch_size, 256); "
+                f"the test split's part {100 * median([ep['score_test'] / ep['epoch'] for ep in all_epochs]):.1f}%")
         res.add("throughput", f"{name}: fixed cost per run (load, MLflow setup, final evaluation)",
                 median([e["wall"] - sum(ep["epoch"] for ep in e["epochs"]) for e in e2e]), "s",
                 f"data load {median([e['load'] for e in e2e]):.2f} s, final evaluation + plots "
@@ -649,7 +649,7 @@ def memory_child(path: str, batches: int, batch_size: int, big_batch: int, run_d
     from trainer import config
     from trainer.data.recording import WindowSet, load_data
     from trainer.models import build_model
-    from trainer.training.trainer import NullReporter, Trainer, resolve_device
+    from trainer.training.trainer import NullReporter, Trainer, resolve_device, score_batch
 
     imports = _proc_status()
     device = resolve_device("auto")
@@ -665,7 +665,7 @@ def memory_child(path: str, batches: int, batch_size: int, big_batch: int, run_d
         return WindowSet(ws.stimulus, ws.rates, ws.starts[idx.to(ws.starts.device)], ws.history, ws.mean, ws.std)
 
     cfg = config.resolve({"img_shape": [40, 50, 50], "batch_size": batch_size, "n_epochs": 1, "early_stopping": 0})
-    score_n = big_batch or batch_size  # Trainer.predict scores in batches of batch_size
+    score_n = big_batch or batch_size  # samples scored per split: one training batch's worth
     small = dataclasses.replace(
         data, train=subset(data.train, torch.randperm(len(data.train), generator=gen)[:n]),
         val=subset(data.val, torch.arange(min(score_n, len(data.val)))),
@@ -676,7 +676,7 @@ def memory_child(path: str, batches: int, batch_size: int, big_batch: int, run_d
                            "after_load_rss": loaded["VmRSS"], "after_load_hwm": loaded["VmHWM"], "load_s": load_s,
                            "stimulus_bytes": stim_bytes, "train_frames": data.train.stimulus.shape[0],
                            "test_frames": data.test.stimulus.shape[0], "samples_trained": n,
-                           "batch_size": batch_size, "big_batch": big_batch, "score_batch": score_n,
+                           "batch_size": batch_size, "big_batch": big_batch,
                            "scored": len(small.val) + len(small.test), "device": str(device)}
     cuda = device.type == "cuda"
     if cuda:
@@ -698,6 +698,7 @@ def memory_child(path: str, batches: int, batch_size: int, big_batch: int, run_d
         trainer.data = dataclasses.replace(small, train=subset(data.train, torch.randperm(
             len(data.train), generator=gen)[:big_batch]))
         phase("big", lambda: loop(2))
+    out["score_batch"] = score_batch(trainer.cfg)  # Trainer.predict's batches: min(batch_size, SCORE_BATCH)
     phase("score", lambda: (trainer.score(trainer.data.val), trainer.score(trainer.data.test)))
     out["peak_rss"] = _proc_status()["VmHWM"]
     if cuda:

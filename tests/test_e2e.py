@@ -159,6 +159,7 @@ def test_packed_search_trains_members_alone_in_mlflow_and_a_diverging_one_fails_
         assert {"latest.pt", "best.pt"} <= {Path(f.path).name for f in client.list_artifacts(c.info.run_id,
                                                                                               "checkpoints")}
         assert "per_cell.csv" in {Path(f.path).name for f in client.list_artifacts(c.info.run_id, "eval")}
+        assert "filters.png" in {Path(f.path).name for f in client.list_artifacts(c.info.run_id, "plots")}
         assert c.data.metrics["best_val_pearson"] > 0.05
     # the two repeats of lr 0.01 start from their own seeds: different weights, different curves
     v2, v3 = (by_index[i].data.metrics["val_pearson"] for i in (2, 3))
@@ -199,8 +200,8 @@ def test_sigterm_kills_every_member_of_a_pack_and_a_rerun_resumes_each(tmp_path,
     assert [c.info.status for c in children] == ["KILLED"] * 3
     for c in children:
         assert "latest.pt" in {Path(f.path).name for f in client.list_artifacts(c.info.run_id, "checkpoints")}
-    again = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--pack", "3"], tmp_path,
-                mlflow_server)
+    again = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--pack", "3", "--no-plots"],
+                tmp_path, mlflow_server)
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("resuming after epoch") == 3
     _, after = runs_of(client, "e2e_pack_term")
@@ -208,3 +209,7 @@ def test_sigterm_kills_every_member_of_a_pack_and_a_rerun_resumes_each(tmp_path,
     for c in after:
         assert c.info.status == "FINISHED"
         assert sorted(m.step for m in client.get_metric_history(c.info.run_id, "train_loss")) == list(range(1, 11))
+        # --no-plots: the final evaluation's scores and table, no plots
+        assert "eval_test_pearson_mean" in client.get_run(c.info.run_id).data.metrics
+        assert {Path(f.path).name for f in client.list_artifacts(c.info.run_id)} >= {"eval", "checkpoints"}
+        assert not client.list_artifacts(c.info.run_id, "plots")

@@ -43,11 +43,11 @@ class Job:
     parent: str
 
 
-def render(folder: Path, hp: Path, hr: Path, uri: str, data_root: Path) -> Job:
+def render(folder: Path, hp: Path, hr: Path, uri: str, data_root: Path, extra: tuple[str, ...] = ()) -> Job:
     """`retina-trainer k8s render` against the real server (it creates the parent run), then read the YAML the way
     the cluster would: the ConfigMap's files become /config, the Job's container gives command and env."""
     res = subprocess.run([sys.executable, "-m", "trainer", "k8s", "render", str(hp), str(hr), "--image", "img:1",
-                          "--tracking-uri", uri, "--parallelism", "2"], capture_output=True, text=True,
+                          "--tracking-uri", uri, "--parallelism", "2", *extra], capture_output=True, text=True,
                          env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
     assert res.returncode == 0, res.stderr[-3000:]
     docs = list(yaml.safe_load_all(res.stdout))
@@ -175,3 +175,31 @@ def test_sigterm_ends_killed_with_a_checkpoint_and_resumes(tmp_path, data_root, 
     assert again.returncode == 0, err[-3000:]
     assert client.get_run(run_id).info.status == "FINISHED"
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, 13))
+
+
+def test_packed_fan_out_trains_each_pack_in_one_pod(tmp_path, data_root, mlflow_server):
+    hp, hr = make_search(tmp_path, "fanout_pack", {"n_epochs": 2, "n_repeats": 2}, {"lr": [0.01, 0.003, 0.001]})
+    search = expand(hp, hr)
+    job = render(tmp_path, hp, hr, mlflow_server, data_root, ("--pack", "4"))
+    assert (job.completions, job.parallelism) == (2, 2)  # 6 runs: packs of 4 and 2
+    assert job.command[-2:] == ["--pack", "4"]
+    procs = [pod(i, job, tmp_path / f"pod{i}") for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    assert out.count(": FINISHED") == 2  # the second pod reports its two runs
+    client = MlflowClient(mlflow_server)
+    runs = children(client, "fanout_pack")
+    assert sorted(runs) == list(range(6)) and all(len(v) == 1 for v in runs.values())
+    names = [search.runs[i].name for i in range(6)]
+    for i, (r,) in runs.items():
+        assert r.info.status == "FINISHED" and r.data.tags["config_id"] == search.runs[i].config_id
+        assert r.data.tags["pack"] == ", ".join(names[:4] if i < 4 else names[4:])
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "val_pearson")] == [1, 2]
+    assert client.get_run(job.parent).info.status == "FINISHED"
+    again = pod(0, job, tmp_path / "again0")
+    out, err = again.communicate(timeout=120)
+    assert again.returncode == 0 and err.count("already FINISHED") == 4, err[-2000:]
+    bad = pod(2, job, tmp_path / "bad")
+    out, err = bad.communicate(timeout=60)
+    assert bad.returncode == 2 and "pack index 2 is out of range: the search has 2 packs of at most 4 runs" in err

@@ -261,6 +261,26 @@ def test_dns_label_helper():
     assert not k8s.is_dns_label("a" * 64)
 
 
+def test_with_pack_each_index_is_a_pack_and_the_pod_command_says_so(tmp_path):
+    # lr x chans: the two lr values of one chans may share a pack, the two chans may not
+    s, (cm, job) = rendered(tmp_path, pack=4, parallelism=8, max_failed_indexes=1)
+    assert len(s.runs) == 4
+    assert job["spec"]["completions"] == 2 and job["spec"]["parallelism"] == 2
+    assert container(job)["command"][-2:] == ["--pack", "4"]
+    assert job["metadata"]["annotations"]["retina-trainer/pack"] == "4"
+    assert job["metadata"]["annotations"]["retina-trainer/runs"] == "4"
+    assert len(json.loads(cm["data"]["expanded.json"])["runs"]) == 4  # the pods still see every run
+    validate_all([cm, job], "packed")
+    _, (_, plain) = rendered(tmp_path)
+    assert "--pack" not in container(plain)["command"] and "--no-plots" not in container(plain)["command"]
+    _, (_, quiet) = rendered(tmp_path, pack=2, plots=False)
+    assert container(quiet)["command"][-3:] == ["--pack", "2", "--no-plots"]
+    with pytest.raises(UserError, match="max failed indexes"):
+        rendered(tmp_path, pack=4, max_failed_indexes=3)
+    with pytest.raises(UserError, match="--pack"):
+        rendered(tmp_path, pack=0)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"parallelism": 0}, "parallelism"),
     ({"gpus": -1}, "gpus"),

@@ -202,3 +202,12 @@ def test_plan_packs_groups_runs_that_differ_only_in_member_settings():
     assert [[r.index for r in p] for p in plan_packs(runs, 1)] == [[i] for i in range(7)]
     with pytest.raises(ConfigError, match="--pack"):
         plan_packs(runs, 0)
+
+
+def test_a_member_whose_checkpoint_does_not_load_fails_alone(bundle, tmp_path):
+    run_pack(bundle, tmp_path, [{**m, "n_epochs": 1} for m in MEMBERS[:2]], sub="first")
+    states = [checkpoint.load(checkpoint.latest(tmp_path / "first" / str(i))) for i in range(2)]
+    states[1]["model"]["conv1.weight"] = torch.zeros(1, 1, 1, 1)  # not this model's shape
+    _, done, order = run_pack(bundle, tmp_path, MEMBERS[:2], resumes=states, sub="first")
+    assert order[0] == 1 and isinstance(done[1], RuntimeError) and "conv1.weight" in str(done[1])
+    assert isinstance(done[0], FitResult) and [h["epoch"] for h in done[0].history] == [1, 2, 3]

@@ -74,6 +74,13 @@ def main() -> None:
     """
 
 
+# search and run-index: whether each run's final evaluation also draws its plots
+PLOTS_OPTION = click.option(
+    "--plots/--no-plots", default=True, show_default=True, envvar="RETINA_PLOTS", show_envvar=True,
+    help="Log plots with each run's final evaluation (about 2 s per run; scores and the per-cell table are logged "
+         "either way; `retina-trainer evaluate` plots any run later).")
+
+
 def _warn(warnings: Any) -> None:
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
@@ -83,27 +90,37 @@ def _warn(warnings: Any) -> None:
 @click.argument("hyperparams", type=click.Path(dir_okay=False))
 @click.argument("hyperranges", type=click.Path(dir_okay=False), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print the expanded runs as JSON (for machines).")
-def expand(hyperparams: str, hyperranges: str | None, as_json: bool) -> None:
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Add a column: the pack each run trains in with `search --pack K` (and the pod of "
+                   "`k8s render --pack K`).")
+def expand(hyperparams: str, hyperranges: str | None, as_json: bool, pack: int) -> None:
     """List the runs a search would train, in order: run N is the same run on every machine.
 
     The order is the Cartesian product of the ranges in file order (first key outermost), each combination
     repeated n_repeats times. Nothing is trained; torch and mlflow are not imported.
     """
     from trainer.search import expand as do_expand
+    from trainer.search import plan_packs
 
     s = do_expand(hyperparams, hyperranges)
     _warn(s.warnings)
+    pack_of = {r.index: i for i, group in enumerate(plan_packs(s.runs, pack)) for r in group} if pack > 1 else {}
     if as_json:
-        click.echo(json.dumps(s.to_dict(), indent=2))
+        out = s.to_dict()
+        if pack_of:
+            for r in out["runs"]:
+                r["pack"] = pack_of[r["index"]]
+        click.echo(json.dumps(out, indent=2))
         return
     from trainer.search import short_value
 
     keys = list(s.searched_keys)
-    header = ["run", "config_id", "seed"] + keys + ["name"]
-    rows = [[str(r.index), r.config_id, str(r.seed)] + [short_value(r.searched[k]) for k in keys] + [r.name]
-            for r in s.runs]
+    header = ["run", "config_id", "seed"] + (["pack"] if pack_of else []) + keys + ["name"]
+    rows = [[str(r.index), r.config_id, str(r.seed)] + ([str(pack_of[r.index])] if pack_of else [])
+            + [short_value(r.searched[k]) for k in keys] + [r.name] for r in s.runs]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    click.echo(f"search {s.search_id}: {len(s.runs)} runs in experiment '{s.exp_name}'")
+    packs = f" in {len(set(pack_of.values()))} packs of up to {pack}" if pack_of else ""
+    click.echo(f"search {s.search_id}: {len(s.runs)} runs{packs} in experiment '{s.exp_name}'")
     for row in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
@@ -120,7 +137,9 @@ def expand(hyperparams: str, hyperranges: str | None, as_json: bool) -> None:
               help="Train up to K runs at a time in one process on one batch stream, when they differ only in "
                    "optimiser settings, stopping rule and seed (e.g. lr x l2 x repeats). Each keeps its own "
                    "initial weights, optimizer, early stopping, checkpoints and MLflow run.")
-def search(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool, pack: int) -> None:
+@PLOTS_OPTION
+def search(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool, pack: int,
+           plots: bool) -> None:
     """Train every run of a search and log each to MLflow as a child of one search run.
 
     Logs to $MLFLOW_TRACKING_URI when set, else to the embedded store in the working directory (open it with
@@ -144,7 +163,7 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
 
     _on_sigterm()
     outcome = run_search(s, data_root=data_root, echo=lambda m: click.echo(m, err=True), progress=progress,
-                         files=files, pack=pack)
+                         files=files, pack=pack, plots=plots)
     click.echo(summary_table(outcome))
     click.echo(f"parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
     if outcome.failed:
@@ -161,14 +180,19 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
               help="MLflow run id of the search's parent run (made by `retina-trainer k8s render`).")
 @click.option("--data-root", type=click.Path(file_okay=False), envvar="RETINA_DATA_ROOT", default=None,
               show_envvar=True, help="Folder holding <dataset>/<stim_type>.h5.")
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
+              help="INDEX numbers packs of up to K runs (as `k8s render --pack K` and `search --pack K` group "
+                   "them), and the pack's runs train together on one batch stream.")
+@PLOTS_OPTION
 def run_index(hyperparams: str, hyperranges: str | None, index: int, parent_run_id: str,
-              data_root: str | None) -> None:
-    """Train one run of a search: the pod command of a Kubernetes Indexed Job.
+              data_root: str | None, pack: int, plots: bool) -> None:
+    """Train one run of a search (or one pack of runs): the pod command of a Kubernetes Indexed Job.
 
-    Expands the same files as `expand`, takes run number INDEX, and trains it as an MLflow child of the parent
-    run: skipped if already FINISHED, resumed from its latest checkpoint if it was interrupted. On SIGTERM the
-    run ends KILLED (exit 143) and its latest epoch checkpoint is what the next attempt resumes from. Exits 2 on
-    bad input or a run that failed for a reason a retry cannot fix, 1 on an unexpected failure.
+    Expands the same files as `expand`, takes run number INDEX (with --pack K, pack number INDEX), and trains it
+    as an MLflow child of the parent run: skipped if already FINISHED, resumed from its latest checkpoint if it
+    was interrupted. On SIGTERM the run ends KILLED (exit 143) and its latest epoch checkpoint is what the next
+    attempt resumes from. Exits 2 on bad input or when every failed run failed for a reason a retry cannot fix,
+    1 on an unexpected failure.
     """
     from trainer.search import expand as do_expand
 
@@ -177,13 +201,17 @@ def run_index(hyperparams: str, hyperranges: str | None, index: int, parent_run_
     from trainer.launch.local import run_index as do_run_index
 
     _on_sigterm()
-    outcome = do_run_index(s, index, parent_run_id, data_root=data_root, echo=lambda m: click.echo(m, err=True))
-    click.echo(f"run {index} {outcome.spec.name}: {outcome.status} (mlflow run {outcome.run_id}, best val r "
-               f"{outcome.best_val_pearson:.3f}, test r {outcome.test_pearson:.3f})")
-    if outcome.status == "FAILED":
-        if outcome.user_error:
-            raise UserError(f"run {index} failed: {outcome.error}")
-        raise RunsFailed(f"run {index} failed: {outcome.error}")
+    outcomes = do_run_index(s, index, parent_run_id, data_root=data_root, echo=lambda m: click.echo(m, err=True),
+                            pack=pack, plots=plots)
+    for o in outcomes:
+        click.echo(f"run {o.spec.index} {o.spec.name}: {o.status} (mlflow run {o.run_id}, best val r "
+                   f"{o.best_val_pearson:.3f}, test r {o.test_pearson:.3f})")
+    failed = [o for o in outcomes if o.status == "FAILED"]
+    if failed:
+        message = "; ".join(f"run {o.spec.index} failed: {o.error}" for o in failed)
+        if all(o.user_error for o in failed):
+            raise UserError(message)
+        raise RunsFailed(message)
 
 
 @main.command()

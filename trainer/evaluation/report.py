@@ -56,14 +56,17 @@ def evaluate_predictions(pred: np.ndarray, data: DataBundle) -> Evaluation:
 
 
 def write_report(ev: Evaluation, pred: np.ndarray, data: DataBundle, model: nn.Module, history: list[dict],
-                 folder: Path) -> Evaluation:
-    """Write the per-cell table and the plots (curves, best/worst cell predictions, first-layer filters)."""
+                 folder: Path, plots_too: bool = True) -> Evaluation:
+    """Write the per-cell table and, unless `plots_too` is false, the plots (curves, best/worst cell predictions,
+    first-layer filters: about 2 s together)."""
     folder.mkdir(parents=True, exist_ok=True)
     table = folder / "per_cell.csv"
     table.write_text(ev.table)
+    ev.files = [("eval", table)]
+    if not plots_too:
+        return ev
     target = data.test.targets.cpu().numpy()
-    ev.files = [("eval", table),
-                ("plots", plots.plot_predictions(pred, target, data.cell_ids, ev.result["test_pearson"],
+    ev.files += [("plots", plots.plot_predictions(pred, target, data.cell_ids, ev.result["test_pearson"],
                                                  folder / "predictions.png", score_name="test r")),
                 ("plots", plots.plot_filters(model, folder / "filters.png"))]
     if history:

@@ -16,7 +16,7 @@ from typing import Any
 
 from trainer import __version__
 from trainer.errors import UserError
-from trainer.search import Search
+from trainer.search import Search, plan_packs
 
 APP = "retina-trainer"
 CONTAINER = "trainer"
@@ -80,11 +80,16 @@ def labels(name: str, search_id: str, component: str) -> dict[str, str]:
             "app.kubernetes.io/managed-by": APP, SEARCH_ID_LABEL: search_id}
 
 
-def pod_command(has_ranges: bool) -> list[str]:
-    """The container command: run the run numbered $JOB_COMPLETION_INDEX of the search in /config."""
+def pod_command(has_ranges: bool, pack: int = 1, plots: bool = True) -> list[str]:
+    """The container command: run the run (with pack > 1, the pack) numbered $JOB_COMPLETION_INDEX of the search
+    in /config."""
     cmd = [APP, "run-index", f"{CONFIG_DIR}/hyperparams.json"]
     if has_ranges:
         cmd.append(f"{CONFIG_DIR}/hyperranges.json")
+    if pack > 1:
+        cmd += ["--pack", str(pack)]
+    if not plots:
+        cmd.append("--no-plots")
     return cmd
 
 
@@ -137,16 +142,17 @@ def indexed_job(search: Search, *, name: str, config_name: str, has_ranges: bool
                 parent_run_id: str, parallelism: int, gpus: int, data_pvc: str, namespace: str | None,
                 backoff_limit_per_index: int, max_failed_indexes: int | None, cpu: str, memory: str,
                 cpu_limit: str | None, work_size: str, http: HttpPolicy,
-                termination_grace_s: int) -> dict[str, Any]:
-    """The Indexed Job: completions = number of runs, pod i trains run i, failures handled per index."""
-    n = len(search.runs)
+                termination_grace_s: int, pack: int = 1, plots: bool = True) -> dict[str, Any]:
+    """The Indexed Job: completions = number of runs (with pack > 1, of packs), pod i trains run (pack) i,
+    failures handled per index."""
+    n = len(plan_packs(search.runs, pack))
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "RETINA_PARENT_RUN_ID": parent_run_id, "RETINA_DATA_ROOT": DATA_DIR,
            **http.env(), "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "HOME": WORK_DIR}
     container = {
         "name": CONTAINER,
         "image": image,
         "imagePullPolicy": "IfNotPresent",
-        "command": pod_command(has_ranges),
+        "command": pod_command(has_ranges, pack, plots),
         "workingDir": WORK_DIR,
         "env": [{"name": k, "value": v} for k, v in env.items()],
         "resources": _resources(gpus, cpu, memory, cpu_limit),
@@ -199,7 +205,8 @@ def indexed_job(search: Search, *, name: str, config_name: str, has_ranges: bool
         "name": name,
         "labels": labels(name, search.search_id, "search"),
         "annotations": {"retina-trainer/exp-name": search.exp_name, "retina-trainer/parent-run-id": parent_run_id,
-                        "retina-trainer/tracking-uri": tracking_uri, "retina-trainer/runs": str(n)},
+                        "retina-trainer/tracking-uri": tracking_uri,
+                        "retina-trainer/runs": str(len(search.runs)), "retina-trainer/pack": str(pack)},
     }
     if namespace:
         meta["namespace"] = namespace
@@ -211,8 +218,9 @@ def render(search: Search, files: dict[str, dict[str, Any]], *, image: str, trac
            namespace: str | None = None, name: str | None = None, backoff_limit_per_index: int = 2,
            max_failed_indexes: int | None = None, cpu: str = "2", memory: str = "8Gi", cpu_limit: str | None = None,
            work_size: str = "20Gi", http: HttpPolicy | None = None,
-           termination_grace_s: int = 120) -> list[dict[str, Any]]:
-    """The manifests of one search: [ConfigMap, Indexed Job], ready for `kubectl apply`.
+           termination_grace_s: int = 120, pack: int = 1, plots: bool = True) -> list[dict[str, Any]]:
+    """The manifests of one search: [ConfigMap, Indexed Job], ready for `kubectl apply`. With `pack` > 1 each
+    pod trains one pack of `plan_packs(search.runs, pack)` (runs that may share a forward pass) together.
 
     `files` holds the parsed input files under the names the pods read ("hyperparams.json" and, when the search
     has ranges, "hyperranges.json"). `parent_run_id` is the search's MLflow parent run, created beforehand.
@@ -221,12 +229,15 @@ def render(search: Search, files: dict[str, dict[str, Any]], *, image: str, trac
         raise UserError("render needs the hyperparams.json content")
     if not search.runs:
         raise UserError("the search has no runs")
+    if pack < 1:
+        raise UserError(f"--pack must be at least 1, got {pack}")
+    completions = len(plan_packs(search.runs, pack))
     checks = [(parallelism >= 1, f"parallelism must be at least 1, got {parallelism}"),
               (gpus >= 0, f"gpus must be 0 or more, got {gpus}"),
               (backoff_limit_per_index >= 0, f"backoff limit per index must be 0 or more, got "
                                              f"{backoff_limit_per_index}"),
-              (max_failed_indexes is None or 0 <= max_failed_indexes <= len(search.runs),
-               f"max failed indexes must be between 0 and the number of runs ({len(search.runs)})"),
+              (max_failed_indexes is None or 0 <= max_failed_indexes <= completions,
+               f"max failed indexes must be between 0 and the number of indexes ({completions})"),
               (bool(image.strip()), "an image is required"),
               (bool(tracking_uri.strip()), "a tracking URI is required"),
               (bool(parent_run_id.strip()), "a parent run id is required")]
@@ -249,7 +260,8 @@ def render(search: Search, files: dict[str, dict[str, Any]], *, image: str, trac
                     tracking_uri=tracking_uri, parent_run_id=parent_run_id, parallelism=parallelism, gpus=gpus,
                     data_pvc=data_pvc, namespace=namespace, backoff_limit_per_index=backoff_limit_per_index,
                     max_failed_indexes=max_failed_indexes, cpu=cpu, memory=memory, cpu_limit=cpu_limit,
-                    work_size=work_size, http=http or HttpPolicy(), termination_grace_s=termination_grace_s),
+                    work_size=work_size, http=http or HttpPolicy(), termination_grace_s=termination_grace_s,
+                    pack=pack, plots=plots),
     ]
 
 

@@ -88,15 +88,21 @@ def k8s() -> None:
               help="Stop the whole Job once more runs than this have failed (default: run every index).")
 @click.option("--cpu", default="2", show_default=True, help="CPU request per pod.")
 @click.option("--memory", default="8Gi", show_default=True, help="Memory request and limit per pod.")
+@click.option("--pack", type=click.IntRange(min=1), default=1, show_default=True,
+              help="One pod per pack of up to K runs that differ only in optimiser settings, stopping rule and "
+                   "seed, trained together on one device (see `search --pack`); 1 = one pod per run.")
+@click.option("--plots/--no-plots", default=True, show_default=True,
+              help="Whether each run's final evaluation logs plots (about 2 s per run; scores either way).")
 def render(hyperparams: str, hyperranges: str | None, image: str, tracking_uri: str,
            local_tracking_uri: str | None, parent_run_id: str | None, parallelism: int, gpus: int, data_pvc: str,
            namespace: str | None, name: str | None, backoff_limit_per_index: int, max_failed_indexes: int | None,
-           cpu: str, memory: str) -> None:
+           cpu: str, memory: str, pack: int, plots: bool) -> None:
     """Print the ConfigMap and Indexed Job of a search as YAML for `kubectl apply -f -`.
 
     Creates the search's MLflow parent run first (or reuses the one of an earlier render of the same search),
-    unless --parent-run-id is given. Pod i trains run i of `retina-trainer expand`; a run already FINISHED is
-    skipped, an interrupted one resumes from its checkpoint. Messages go to stderr, YAML to stdout.
+    unless --parent-run-id is given. Pod i trains run i of `retina-trainer expand` (with --pack K, pack i); a run
+    already FINISHED is skipped, an interrupted one resumes from its checkpoint. Messages go to stderr, YAML to
+    stdout.
     """
     from trainer.launch import k8s as k8s_mod
     from trainer.search import expand
@@ -113,7 +119,7 @@ def render(hyperparams: str, hyperranges: str | None, image: str, tracking_uri: 
         k8s_mod.render(s, files, image=image, tracking_uri=tracking_uri, parent_run_id="pending",
                        parallelism=parallelism, gpus=gpus, data_pvc=data_pvc, namespace=namespace, name=job,
                        backoff_limit_per_index=backoff_limit_per_index, max_failed_indexes=max_failed_indexes,
-                       cpu=cpu, memory=memory)
+                       cpu=cpu, memory=memory, pack=pack, plots=plots)
         uri = local_tracking_uri or tracking_uri
         parent_run_id = create_parent_run(s, files, uri, job)
         click.echo(f"parent run {parent_run_id} in experiment '{s.exp_name}' at {uri}", err=True)
@@ -122,8 +128,11 @@ def render(hyperparams: str, hyperranges: str | None, image: str, tracking_uri: 
     docs = k8s_mod.render(s, files, image=image, tracking_uri=tracking_uri, parent_run_id=parent_run_id,
                           parallelism=parallelism, gpus=gpus, data_pvc=data_pvc, namespace=namespace, name=job,
                           backoff_limit_per_index=backoff_limit_per_index, max_failed_indexes=max_failed_indexes,
-                          cpu=cpu, memory=memory)
+                          cpu=cpu, memory=memory, pack=pack, plots=plots)
     click.echo(k8s_mod.to_yaml(docs), nl=False)
     ns = f" -n {namespace}" if namespace else ""
-    click.echo(f"job {job}: {len(s.runs)} runs, {docs[1]['spec']['parallelism']} at a time; watch it with\n"
+    pods = docs[1]["spec"]["completions"]
+    packed = f" in {pods} packs of up to {pack}" if pack > 1 else ""
+    click.echo(f"job {job}: {len(s.runs)} runs{packed}, {docs[1]['spec']['parallelism']} pods at a time; watch it "
+               f"with\n"
                f"  kubectl{ns} get pods -l {k8s_mod.SEARCH_ID_LABEL}={s.search_id}", err=True)

@@ -182,14 +182,14 @@ def _build(m: _Member, data: DataBundle, device: torch.device, echo: Echo,
     return Trainer(model, data, cfg, m.folder, device, reporter=m.log, on_epoch=on_epoch)
 
 
-def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo) -> None:
+def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: bool = True) -> None:
     """Log the run's summary and the evaluation of its best checkpoint, and end it FINISHED."""
     assert m.trainer is not None
     summary = {"best_val_pearson": result.best_val_pearson, "best_epoch": result.best_epoch,
                "test_pearson_at_best": result.test_pearson_at_best, "epochs_run": result.epochs_run,
                "stopped_early": float(result.stopped_early)}
     m.log.log_metrics(summary, step=result.epochs_run)
-    _evaluate_best(m.trainer, data, m.folder, result.history, m.log, echo)
+    _evaluate_best(m.trainer, data, m.folder, result.history, m.log, echo, plots)
     m.log.end("FINISHED")
     m.ended = True
     m.outcome.status = "FINISHED"
@@ -224,18 +224,21 @@ def _kill(m: _Member) -> None:
 
 
 def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prior: list[Any], path: Path,
-            cache: DataCache, echo: Echo, progress: bool = True) -> RunOutcome:
+            cache: DataCache, echo: Echo, progress: bool = True, plots: bool = True) -> RunOutcome:
     """Train one run (or resume it), logging it as a child of `parent_id`; never raises for a failed run."""
     return execute_pack([spec], search_id=search_id, parent_id=parent_id, tracker=tracker,
-                        prior={spec.config_id: prior}, path=path, cache=cache, echo=echo, progress=progress)[0]
+                        prior={spec.config_id: prior}, path=path, cache=cache, echo=echo, progress=progress,
+                        plots=plots)[0]
 
 
 def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracker: Any, prior: dict[str, list[Any]],
-                 path: Path, cache: DataCache, echo: Echo, progress: bool = True) -> list[RunOutcome]:
+                 path: Path, cache: DataCache, echo: Echo, progress: bool = True,
+                 plots: bool = True) -> list[RunOutcome]:
     """Train a group of runs that share recording and architecture (or resume them), each logged as a child of
     `parent_id`: one run alone with its own Trainer, several packed on one batch stream (trainer/training/packed.py).
     A failing run ends FAILED and the others go on; Ctrl-C or SIGTERM ends the unfinished ones KILLED and
-    propagates. Never raises for a failed run."""
+    propagates. Never raises for a failed run. With `plots` false, the final evaluation logs its scores and
+    table but no plots."""
     members = [_open_run(s, search_id=search_id, parent_id=parent_id, tracker=tracker, prior=prior.get(s.config_id, []))
                for s in specs]
     cfg = specs[0].config
@@ -270,19 +273,20 @@ def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracke
         live = [m for m in members if not m.ended]
         if len(live) == 1:
             m = live[0]
-            _finish(m, m.trainer.fit(resume=m.resume), data, echo)
+            _finish(m, m.trainer.fit(resume=m.resume), data, echo, plots)
         elif live:
             from trainer.training.packed import PackedTrainer
 
-            for m in live:
-                m.log.set_tag("pack", ", ".join(s.name for s in specs))
+            names = ", ".join(s.name for s in specs)
+            for m in live:  # MLflow tag values hold at most 5,000 characters
+                m.log.set_tag("pack", names if len(names) <= 5000 else names[:4990] + ", ...")
 
             def on_done(i: int, result: FitResult | Exception) -> None:
                 m = live[i]
                 try:
                     if isinstance(result, Exception):
                         raise result
-                    _finish(m, result, data, echo)
+                    _finish(m, result, data, echo, plots)
                 except (KeyboardInterrupt, SystemExit):
                     raise
                 except Exception as exc:
@@ -315,7 +319,7 @@ def _skipped(spec: RunSpec, done: Any, echo: Echo) -> RunOutcome:
 
 
 def _evaluate_best(trainer: Trainer, data: DataBundle, folder: Path, history: list[dict[str, float]], log: Any,
-                   echo: Echo) -> None:
+                   echo: Echo, plots: bool = True) -> None:
     """Score the best checkpoint on the test split (r, reliability, FEVE, CC_norm, truth r) and log the
     per-cell table and plots with the run."""
     from trainer.evaluation.report import evaluate_predictions, write_report
@@ -325,7 +329,8 @@ def _evaluate_best(trainer: Trainer, data: DataBundle, folder: Path, history: li
         return
     trainer.model.load_state_dict(checkpoint.load(best)["model"])
     pred = trainer.as_rates(trainer.predict(data.test)).cpu().numpy().astype(np.float64)
-    ev = write_report(evaluate_predictions(pred, data), pred, data, trainer.model, history, folder / "eval")
+    ev = write_report(evaluate_predictions(pred, data), pred, data, trainer.model, history, folder / "eval",
+                      plots_too=plots)
     log.set_tag("eval_repeats", ev.repeats_note)
     log.log_files(ev.scalars, ev.files)
 
@@ -345,7 +350,7 @@ def _plot_search(outcome: SearchOutcome, tracker: Any, parent_id: str) -> None:
 
 
 def run_search(search: Search, *, data_root: str | None = None, echo: Echo = print, progress: bool = True,
-               files: dict[str, dict[str, Any]] | None = None, pack: int = 1) -> SearchOutcome:
+               files: dict[str, dict[str, Any]] | None = None, pack: int = 1, plots: bool = True) -> SearchOutcome:
     """Check, then train every run of `search` that is not already FINISHED, logging to MLflow.
 
     With `pack` > 1, runs that differ only in optimiser settings, stopping rule and seed train up to `pack` at a
@@ -380,9 +385,10 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
         for group in packs:
             outcome.runs.extend(execute_pack(group, search_id=search.search_id, parent_id=parent_id,
                                              tracker=tracker, prior=prior, path=paths[group[0].index], cache=cache,
-                                             echo=echo, progress=progress))
+                                             echo=echo, progress=progress, plots=plots))
         outcome.runs.sort(key=lambda r: r.spec.index)
-        _plot_search(outcome, tracker, parent_id)
+        if plots:
+            _plot_search(outcome, tracker, parent_id)
         if outcome.failed:
             status = "FAILED"
     except KeyboardInterrupt:
@@ -395,32 +401,43 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
 
 
 def run_index(search: Search, index: int, parent_id: str, *, data_root: str | None = None, echo: Echo = print,
-              progress: bool = False) -> RunOutcome:
-    """Run run number `index` of `search` as a child of `parent_id` (the pod command of an Indexed Job).
+              progress: bool = False, pack: int = 1, plots: bool = True) -> list[RunOutcome]:
+    """Run run number `index` of `search` as a child of `parent_id` (the pod command of an Indexed Job); with
+    `pack` > 1, `index` numbers the packs of `plan_packs(search.runs, pack)` and the pack's runs train together.
 
-    Skips it if a run with its config id already FINISHED; resumes it from its latest checkpoint if it was
-    interrupted; a training failure is reported as a FAILED run (and an error for the caller).
+    Runs whose config id already FINISHED are skipped; interrupted ones resume from their latest checkpoint; a
+    training failure is reported as a FAILED run (and an error for the caller). The outcomes in run order.
     """
     from trainer.tracking import FINISHED, Tracker
 
-    if not 0 <= index < len(search.runs):
-        raise UserError(f"run index {index} is out of range: the search has {len(search.runs)} runs "
-                        f"(0..{len(search.runs) - 1}); check completions of the Job against `retina-trainer expand`")
-    spec = search.runs[index]
-    path = preflight(search, data_root, only=index)[index]
+    if pack < 1:
+        raise UserError(f"--pack must be at least 1, got {pack}")
+    groups = search_mod.plan_packs(search.runs, pack)
+    if not 0 <= index < len(groups):
+        what = f"{len(search.runs)} runs" if pack == 1 else f"{len(groups)} packs of at most {pack} runs"
+        raise UserError(f"{'run' if pack == 1 else 'pack'} index {index} is out of range: the search has {what} "
+                        f"(0..{len(groups) - 1}); check completions of the Job against `retina-trainer k8s render`")
+    group = groups[index]
+    paths = {s.index: preflight(search, data_root, only=s.index)[s.index] for s in group}
     tracker = Tracker(search.exp_name)
-    earlier = tracker.prior_runs().get(spec.config_id, [])
-    done = [p for p in earlier if p.status == FINISHED]
-    if done:
-        outcome = _skipped(spec, done[0], echo)
-    else:
-        outcome = execute(spec, search_id=search.search_id, parent_id=parent_id, tracker=tracker, prior=earlier,
-                          path=path, cache=DataCache(), echo=echo, progress=progress)
-    if outcome.status in ("FINISHED", "SKIPPED") and tracker.finish_parent_if_complete(
+    prior = tracker.prior_runs()
+    outcomes: list[RunOutcome] = []
+    todo: list[RunSpec] = []
+    for spec in group:
+        done = [p for p in prior.get(spec.config_id, []) if p.status == FINISHED]
+        if done:
+            outcomes.append(_skipped(spec, done[0], echo))
+        else:
+            todo.append(spec)
+    if todo:
+        outcomes += execute_pack(todo, search_id=search.search_id, parent_id=parent_id, tracker=tracker,
+                                 prior=prior, path=paths[todo[0].index], cache=DataCache(), echo=echo,
+                                 progress=progress, plots=plots)
+    outcomes.sort(key=lambda r: r.spec.index)
+    if all(o.status in ("FINISHED", "SKIPPED") for o in outcomes) and tracker.finish_parent_if_complete(
             parent_id, [r.config_id for r in search.runs]):
         echo(f"every run of search {search.search_id} is FINISHED: parent run {parent_id} marked FINISHED")
-    return outcome
-
+    return outcomes
 
 
 def summary_table(outcome: SearchOutcome) -> str:

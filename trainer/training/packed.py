@@ -35,7 +35,7 @@ from torch.nn import functional as F
 
 from trainer.data.recording import WindowSet
 from trainer.errors import ConfigError
-from trainer.training.trainer import FitResult, Trainer, TrainingDiverged, tf32
+from trainer.training.trainer import FitResult, Trainer, TrainingDiverged, score_batch, tf32
 
 # Settings every member of a pack must share (the rest of a pack's identity is the model's shape, checked below).
 SHARED = ("batch_size", "shuffle", "lossfxn", "log_poisson", "precision", "train_loop", "compile", "prune")
@@ -45,21 +45,21 @@ class StackedModels:
     """K models of one architecture as one vectorised model, their tensors stacked along a new first axis."""
 
     def __init__(self, models: list[nn.Module]):
-        if not models:
-            raise ValueError("a pack needs at least one model")
         shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items()} for m in models]
         for i, s in enumerate(shapes[1:], 1):
             if s != shapes[0] or type(models[i]) is not type(models[0]):
                 raise ConfigError(f"pack member {i} ({type(models[i]).__name__}) does not have the shape of member "
                                   f"0 ({type(models[0]).__name__}): only runs of one architecture can be packed")
         self.models = list(models)
+        self.params: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        self._call = vmap(self._forward_one, in_dims=(0, 0, None), randomness="different")
+        if not models:  # nothing to train (every member failed to start): an empty pack
+            return
         # The structure the vectorised call runs: a copy without storage, fed the stacked tensors.
         self.base = copy.deepcopy(models[0]).to("meta")
         self.param_names = [k for k, _ in models[0].named_parameters()]
         self.buffer_names = [k for k, _ in models[0].named_buffers()]
-        self.params: dict[str, torch.Tensor] = {}
-        self.buffers: dict[str, torch.Tensor] = {}
-        self._call = vmap(self._forward_one, in_dims=(0, 0, None), randomness="different")
         self._stack()
 
     def _forward_one(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
@@ -162,14 +162,18 @@ class PackedTrainer:
 
     def _fit(self, resumes: list[dict[str, Any] | None],
              on_done: Callable[[int, FitResult | Exception], None]) -> None:
-        first_resume = next((r for r in resumes if r is not None), None)
-        for t, resume in zip(self.trainers, resumes):
-            t.start(resume)
+        active: list[int] = []
+        for i, (t, resume) in enumerate(zip(self.trainers, resumes)):
+            try:
+                t.start(resume)
+                active.append(i)
+            except Exception as exc:  # e.g. a checkpoint that does not fit the model: this member only
+                on_done(i, exc)
+        first_resume = next((resumes[i] for i in active if resumes[i] is not None), None)
         if first_resume is not None:  # the batch stream and noise go on from one member's checkpoint
             self.generator.set_state(first_resume["shuffle_rng"])
             torch.set_rng_state(first_resume["torch_rng"])
-        active = list(range(len(self.trainers)))
-        pack = StackedModels([t.model for t in self.trainers])
+        pack = StackedModels([self.trainers[i].model for i in active])
 
         def leave(members: dict[int, FitResult | Exception]) -> None:
             """Members that are over leave the pack before their results are handed on."""
@@ -259,4 +263,4 @@ class PackedTrainer:
         """Every member's outputs for every sample of `windows`, in batches, in eval mode: (K, samples, units)."""
         pack.train(False)
         with self.lead.autocast():
-            return torch.cat([pack(x).float() for x, _ in windows.batches(self.lead.cfg["batch_size"])], dim=1)
+            return torch.cat([pack(x).float() for x, _ in windows.batches(score_batch(self.lead.cfg))], dim=1)

@@ -30,6 +30,7 @@ from trainer.training.pruning import build_pruner
 
 PRUNING_REPORT = "pruning.json"  # written to the run folder when pruning ends, reported like a checkpoint
 IMPORTANCE_BATCHES = 2  # training batches the channel importance of a pruning is averaged over
+SCORE_BATCH = 256  # most samples scored at once: below a training step's peak memory at the default batch_size
 
 
 class Reporter(Protocol):
@@ -69,6 +70,12 @@ class FitResult:
 def has_onehot_readout(model: nn.Module) -> bool:
     """Whether the model has the one-hot read-out (probability maps and weights) that retinotopic_loop trains."""
     return all(callable(getattr(model, name, None)) for name in ("onehot_probs", "onehot_weights"))
+
+
+def score_batch(cfg: dict[str, Any]) -> int:
+    """Samples per scoring batch: batch_size, at most SCORE_BATCH (a forward pass gains nothing from more, and
+    scoring then never raises the peak memory of training)."""
+    return min(cfg["batch_size"], SCORE_BATCH)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -206,7 +213,7 @@ class Trainer:
     def predict(self, windows: WindowSet) -> torch.Tensor:
         """Model outputs for every sample of `windows`, in batches, in eval mode."""
         self.model.eval()
-        batch = self.cfg["batch_size"]  # scoring batches no larger than training ones: peak memory stays put
+        batch = score_batch(self.cfg)
         with self.autocast():
             return torch.cat([self.forward(x).float() for x, _ in windows.batches(batch)])
 
