@@ -844,10 +844,12 @@ def bench_pack(res: Results, args: argparse.Namespace, tmp: Path, device: str) -
         uri = f"sqlite:///{folder / 'mlflow.db'}"
         exp = f"pack_{shape.name}"
         _prepare_store(uri, [exp], folder / "artifacts")
-        walls: dict[int, list[float]] = {1: [], k: []}
+        walls: dict[Any, list[float]] = {1: [], k: [], "quiet": []}
         for r in range(1 if full_cpu or args.quick else 2):
-            for size in (1, k) if r % 2 == 0 else (k, 1):
-                hp = dict(w.hp, exp_name=exp, n_epochs=epochs, seed=5000 + 100 * r + size)
+            for size in (1, k, "quiet") if r % 2 == 0 else ("quiet", k, 1):
+                plots = size != "quiet"
+                pack = k if size == "quiet" else size
+                hp = dict(w.hp, exp_name=exp, n_epochs=epochs, seed=5000 + 100 * r + (pack if plots else 99))
                 hp_file, hr_file = folder / "hp-pack.json", folder / "hr-pack.json"
                 hp_file.write_text(json.dumps(hp))
                 hr_file.write_text(json.dumps({"lr": [w.cfg["lr"] * (1 + 0.1 * i) for i in range(k)]}))
@@ -855,18 +857,24 @@ def bench_pack(res: Results, args: argparse.Namespace, tmp: Path, device: str) -
                 messages: list[str] = []
                 with tracking_uri(uri), contextlib.redirect_stdout(sys.stderr):
                     t = time.perf_counter()
-                    outcome = run_search(search, echo=messages.append, progress=False, pack=size)
+                    outcome = run_search(search, echo=messages.append, progress=False, pack=pack, plots=plots)
                     walls[size].append(time.perf_counter() - t)
                 bad = [o for o in outcome.runs if o.status != "FINISHED"]
                 if bad:
                     raise RuntimeError(f"packing benchmark run ended {bad[0].status}: {bad[0].error}")
-                print(f"  search of {k} runs, --pack {size}: {walls[size][-1]:.1f} s", file=sys.stderr)
+                print(f"  search of {k} runs, --pack {pack}{'' if plots else ' --no-plots'}: "
+                      f"{walls[size][-1]:.1f} s", file=sys.stderr)
         seq, pk = median(walls[1]), median(walls[k])
         res.add("pack", f"{shape.name}: search of {k} runs, one after another", seq, "s",
                 f"run_search, {epochs} epochs each, sqlite MLflow store, incl. scoring, checkpoints, evaluation")
         res.add("pack", f"{shape.name}: the same search with --pack {k}", pk, "s", "")
         res.add("pack", f"{shape.name}: search speed-up with --pack {k}", seq / pk, "x",
                 "wall time one after another / packed; the per-run final evaluation (plots) is not packed")
+        quiet = median(walls["quiet"])
+        res.add("pack", f"{shape.name}: the same search with --pack {k} --no-plots", quiet, "s",
+                "scores and per-cell tables logged, no plots")
+        res.add("pack", f"{shape.name}: search speed-up with --pack {k} --no-plots", seq / quiet, "x",
+                "against one after another with plots (the default)")
 
 
 def _timed_cmd(cmd: list[str], cwd: Path) -> float:

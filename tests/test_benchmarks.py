@@ -69,7 +69,8 @@ def test_quick_benchmark_prints_every_section_with_finite_positive_figures(tmp_p
         assert what in logging, what
     packing = " ".join(measured["5 packing"])
     for what in ("one model, training pass", "pack of 4, training pass", "ratio pack of 4 / 4 sequential",
-                 "search of 4 runs, one after another", "the same search with --pack 4", "search speed-up"):
+                 "search of 4 runs, one after another", "the same search with --pack 4", "search speed-up",
+                 "--pack 4 --no-plots"):
         assert what in packing, what
     assert "2 peak memory" not in measured  # --quick skips the 1 GB recording
 
