@@ -16,8 +16,8 @@ What members share: the batch order (the first member's shuffle generator) and t
 layers. Up to those, a member's metrics equal those of the same run trained alone, within float rounding (a fused
 convolution sums in another order). One caveat: a conv bias followed by batch norm has a true gradient of zero, and
 Adam scales its rounding noise up to steps of +-lr, so with `bias` on, packed and solo runs of BNCNN drift apart by
-about 1% of the loss in the first epochs (the same happens between a CPU and a GPU run); with `bias` off they agree
-to about 1e-6.
+about 1% of the loss in the first epoch (the kind of difference other hardware makes too); with `bias` off they
+agree to about 1e-6.
 """
 
 from __future__ import annotations
