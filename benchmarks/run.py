@@ -785,7 +785,7 @@ def bench_pack(res: Results, args: argparse.Namespace, tmp: Path, device: str) -
     from trainer.models import build_model
     from trainer.search import expand
     from trainer.training.packed import PackedTrainer, StackedModels
-    from trainer.training.trainer import NullReporter, Trainer
+    from trainer.training.trainer import NullReporter, Trainer, tf32
 
     cuda = device.startswith("cuda")
     for shape in shapes(args, cuda):
@@ -795,29 +795,32 @@ def bench_pack(res: Results, args: argparse.Namespace, tmp: Path, device: str) -
         full_cpu = shape.name == "full" and not cuda
         reps = max(2, args.reps - 1) if full_cpu else args.reps
 
-        def member(i: int) -> Trainer:
-            cfg = dict(w.cfg, lr=w.cfg["lr"] * (1 + 0.1 * i), seed=100 + i)
+        def member(i: int, precision: str) -> Trainer:
+            cfg = dict(w.cfg, lr=w.cfg["lr"] * (1 + 0.1 * i), seed=100 + i, precision=precision)
             seed_everything(cfg["seed"])
             model = build_model(cfg, w.data.n_cells)
             return Trainer(model, w.data, cfg, folder / f"m{i}", w.device, NullReporter())
 
-        solo = member(0)
-        for k in pack_sizes(args, cuda):
-            trainers = [member(i) for i in range(k)]
+        precisions = args.pack_precisions or (["fp32", "bf16"] if cuda else ["fp32"])
+        for precision, k in ((p, k) for p in precisions for k in pack_sizes(args, cuda)):
+            solo = member(0, precision)
+            trainers = [member(i, precision) for i in range(k)]
             packed = PackedTrainer(trainers)
             pack = StackedModels([t.model for t in trainers])
 
             def solo_epoch() -> float:  # model-samples/s of one model = of K models one after another
                 _sync(w.device)
                 t = time.perf_counter()
-                solo.loops["train_loop"](1)
+                with tf32(precision == "tf32"):
+                    solo.loops["train_loop"](1)
                 _sync(w.device)
                 return w.n_train / (time.perf_counter() - t)
 
             def pack_epoch() -> float:
                 _sync(w.device)
                 t = time.perf_counter()
-                packed._train_epoch(pack, trainers)
+                with tf32(precision == "tf32"):
+                    packed._train_epoch(pack, trainers)
                 _sync(w.device)
                 return k * w.n_train / (time.perf_counter() - t)
 
@@ -828,14 +831,16 @@ def bench_pack(res: Results, args: argparse.Namespace, tmp: Path, device: str) -
                 one.append(solo_epoch())
                 many.append(pack_epoch())
             ratio = median([m / o for m, o in zip(many, one)])
-            note = f"{shape.label()}; {w.n_train} samples/epoch; median of {reps} alternating epochs"
-            res.add("pack", f"{shape.name}: one model, training pass", median(one), "model-samples/s", note)
-            res.add("pack", f"{shape.name}: pack of {k}, training pass", median(many), "model-samples/s",
+            note = (f"{shape.label()}, {precision}; {w.n_train} samples/epoch; median of {reps} alternating "
+                    f"epochs")
+            tag = f"{shape.name}{'' if precision == 'fp32' else ' ' + precision}"
+            res.add("pack", f"{tag}: one model, training pass", median(one), "model-samples/s", note)
+            res.add("pack", f"{tag}: pack of {k}, training pass", median(many), "model-samples/s",
                     "K members' samples per second, one shared batch stream")
-            res.add("pack", f"{shape.name}: ratio pack of {k} / {k} sequential (training pass)", ratio, "x",
+            res.add("pack", f"{tag}: ratio pack of {k} / {k} sequential (training pass)", ratio, "x",
                     "median of the per-repetition ratios")
             if cuda and k == 32 and shape.name == "full":
-                res.goal(f"full pack of 32 / sequential = {ratio:.2f}x: "
+                res.goal(f"full {precision} pack of 32 / sequential = {ratio:.2f}x: "
                          f"{'met' if ratio >= GOAL_PACK else 'missed'} (goal >= {GOAL_PACK} on a GPU)")
 
         # whole searches: K runs (lr x K) through run_search, packed and one after another, same store
@@ -994,6 +999,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="one extra training step at this batch size in the memory section (0: none)")
     p.add_argument("--pack-sizes", type=int, nargs="+", default=None,
                    help="pack sizes K of the packing section (default 4 8 on CPU, 4 with --quick, 8 32 on CUDA)")
+    p.add_argument("--pack-precisions", nargs="+", choices=["fp32", "tf32", "bf16"], default=None,
+                   help="precisions of the packing section's training pass (default fp32; fp32 bf16 on CUDA)")
     p.add_argument("--out", type=Path, default=None, help="write the table, machine and command here (Markdown)")
     p.add_argument("--json", type=Path, default=None, help="write the rows here as JSON")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

@@ -58,6 +58,9 @@ class StackedModels:
             return
         # The structure the vectorised call runs: a copy without storage, fed the stacked tensors.
         self.base = copy.deepcopy(models[0]).to("meta")
+        for module in self.base.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.register_forward_pre_hook(_float_input)
         self.param_names = [k for k, _ in models[0].named_parameters()]
         self.buffer_names = [k for k, _ in models[0].named_buffers()]
         self._stack()
@@ -109,6 +112,15 @@ class StackedModels:
             for k, p in model.named_parameters():
                 grad = self.params[k].grad
                 p.grad = None if grad is None else grad[i]
+
+
+def _float_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """Batch norm under vmap refuses bf16 input with float32 weights (plain autocast allows it): give it float32
+    (autocast casts again before the next convolution or linear layer)."""
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+        return (x.float(), *args[1:])
+    return None
 
 
 def _set_buffer(model: nn.Module, name: str, value: torch.Tensor) -> None:
