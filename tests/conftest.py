@@ -26,6 +26,19 @@ torch.set_num_threads(1)
 SMALL = {"img_shape": [10, 12, 12], "chans": [4, 4], "ksizes": [5, 3, 3], "batch_size": 128}
 
 
+class ListReporter:
+    """A Trainer reporter that keeps what it is told: (epoch, metrics) and (file name, artifact name) pairs."""
+
+    def __init__(self):
+        self.epochs, self.checkpoints = [], []
+
+    def epoch(self, epoch, metrics):
+        self.epochs.append((epoch, dict(metrics)))
+
+    def checkpoint(self, path, name):
+        self.checkpoints.append((path.name, name))
+
+
 @pytest.fixture(scope="session")
 def seed_readme_keys() -> list[str]:
     if not SEED_README.exists():

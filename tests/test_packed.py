@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL
+from conftest import SMALL, ListReporter
 from trainer import config
 from trainer.data.recording import load_data, recording_path
 from trainer.errors import ConfigError
@@ -23,17 +23,6 @@ from trainer.training.trainer import FitResult, Trainer, TrainingDiverged
 # differs between a fused and a plain convolution) into steps of +-lr, so with biases packed and solo runs drift
 # apart by about 1% of the loss, although both are correct.
 BASE = {**SMALL, "n_epochs": 3, "noise": 0.0, "early_stopping": 0, "shuffle": True, "seed": 7, "bias": False}
-
-
-class ListReporter:
-    def __init__(self):
-        self.epochs, self.checkpoints = [], []
-
-    def epoch(self, epoch, metrics):
-        self.epochs.append((epoch, dict(metrics)))
-
-    def checkpoint(self, path, name):
-        self.checkpoints.append((path.name, name))
 
 
 @pytest.fixture(scope="module")

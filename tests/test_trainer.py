@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from conftest import SMALL
+from conftest import SMALL, ListReporter
 from trainer import config
 from trainer.data.recording import load_data, recording_path
 from trainer.errors import UserError
@@ -15,17 +15,6 @@ from trainer.launch.local import seed_everything
 from trainer.models import build_model
 from trainer.training import checkpoint
 from trainer.training.trainer import Trainer
-
-
-class ListReporter:
-    def __init__(self):
-        self.epochs, self.checkpoints = [], []
-
-    def epoch(self, epoch, metrics):
-        self.epochs.append((epoch, dict(metrics)))
-
-    def checkpoint(self, path, name):
-        self.checkpoints.append((path.name, name))
 
 
 @pytest.fixture(scope="module")

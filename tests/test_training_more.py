@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SMALL
+from conftest import SMALL, ListReporter
 from trainer import config, models
 from trainer.data.recording import load_data, recording_path
 from trainer.errors import ConfigError, UserError
@@ -20,17 +20,6 @@ from trainer.training import checkpoint
 from trainer.training.losses import semantic_loss
 from trainer.training.pruning import channel_importance
 from trainer.training.trainer import Trainer
-
-
-class ListReporter:
-    def __init__(self):
-        self.epochs, self.checkpoints = [], []
-
-    def epoch(self, epoch, metrics):
-        self.epochs.append((epoch, dict(metrics)))
-
-    def checkpoint(self, path, name):
-        self.checkpoints.append((path.name, name))
 
 
 class TinyOneHot(nn.Module):

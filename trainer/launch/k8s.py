@@ -142,10 +142,10 @@ def indexed_job(search: Search, *, name: str, config_name: str, has_ranges: bool
                 parent_run_id: str, parallelism: int, gpus: int, data_pvc: str, namespace: str | None,
                 backoff_limit_per_index: int, max_failed_indexes: int | None, cpu: str, memory: str,
                 cpu_limit: str | None, work_size: str, http: HttpPolicy,
-                termination_grace_s: int, pack: int = 1, plots: bool = True) -> dict[str, Any]:
-    """The Indexed Job: completions = number of runs (with pack > 1, of packs), pod i trains run (pack) i,
+                termination_grace_s: int, completions: int, pack: int = 1, plots: bool = True) -> dict[str, Any]:
+    """The Indexed Job: `completions` = number of runs (with pack > 1, of packs), pod i trains run (pack) i,
     failures handled per index."""
-    n = len(plan_packs(search.runs, pack))
+    n = completions
     env = {"MLFLOW_TRACKING_URI": tracking_uri, "RETINA_PARENT_RUN_ID": parent_run_id, "RETINA_DATA_ROOT": DATA_DIR,
            **http.env(), "MLFLOW_DISABLE_TELEMETRY": "true", "PYTHONUNBUFFERED": "1", "HOME": WORK_DIR}
     container = {
@@ -261,7 +261,7 @@ def render(search: Search, files: dict[str, dict[str, Any]], *, image: str, trac
                     data_pvc=data_pvc, namespace=namespace, backoff_limit_per_index=backoff_limit_per_index,
                     max_failed_indexes=max_failed_indexes, cpu=cpu, memory=memory, cpu_limit=cpu_limit,
                     work_size=work_size, http=http or HttpPolicy(), termination_grace_s=termination_grace_s,
-                    pack=pack, plots=plots),
+                    completions=completions, pack=pack, plots=plots),
     ]
 
 
