@@ -61,7 +61,7 @@ class WindowSet:
             raise ValueError(f"window starts must lie in [0, {stimulus.shape[0] - history}) "
                              f"for history {history}")
         self.stimulus = stimulus  # (T, H, W) in the stored dtype, shared between WindowSets of one split
-        self.rates = rates  # (T, n_cells) float32
+        self.rates = rates  # (T, n_cells) float32 (float64 for a float64 model): the dtype of the samples
         self.starts = starts  # (N,) int64
         self.history = int(history)
         self.mean = float(mean)
@@ -82,11 +82,12 @@ class WindowSet:
         return self.rates[self.starts + self.history]
 
     def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather the samples at positions `idx`: x (B, h, H, W) float32 z-scored, y (B, n_cells) float32."""
+        """Gather the samples at positions `idx`: x (B, h, H, W) z-scored, y (B, n_cells), both in the rates' dtype
+        (float32 unless the recording was loaded for a float64 model)."""
         s = self.starts[torch.as_tensor(idx, device=self.starts.device)]
         frames = (s[:, None] + self._offsets).reshape(-1)  # only this batch's frames are copied
         x = self.stimulus.index_select(0, frames).view(len(s), self.history, *self.stimulus.shape[1:])
-        x = x.float().sub_(self.mean).div_(self.std)  # in place: one float32 copy of the batch
+        x = x.to(self.rates.dtype).sub_(self.mean).div_(self.std)  # in place: one float copy of the batch
         return x, self.rates[s + self.history]
 
     def batches(self, batch_size: int, shuffle: bool = False,
@@ -438,8 +439,12 @@ def preflight(path: str | Path, *, cells: str | list[int] = "all", img_shape: Se
 
 
 def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
-              val_frac: float = 0.1, device: str | torch.device = "cpu") -> DataBundle:
-    """Load a recording as train/val/test WindowSets; validation is the last stretch of train, after a gap."""
+              val_frac: float = 0.1, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> DataBundle:
+    """Load a recording as train/val/test WindowSets; validation is the last stretch of train, after a gap.
+
+    Samples come in `dtype`: float32 for training; float64 for the tests that compare two code paths with a
+    tolerance derived from float64 rounding."""
     path = Path(path).expanduser()
     history, height, width = _img_shape(img_shape)
     with _open_h5(path) as f:
@@ -459,7 +464,7 @@ def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Se
     mean, std = stats["mean"], stats["std"]
 
     def tensors(stim: np.ndarray, rates: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        rates_t = torch.from_numpy(np.ascontiguousarray(rates.T, dtype=np.float32))
+        rates_t = torch.from_numpy(np.ascontiguousarray(rates.T)).to(dtype)
         return torch.from_numpy(stim).to(device), rates_t.to(device)
 
     stim_t, rates_t = tensors(train_stim, train_rates)

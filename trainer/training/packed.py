@@ -14,10 +14,11 @@ n_epochs, a diverged loss) leaves the pack, which is restacked from the members 
 
 What members share: the batch order (the first member's shuffle generator) and the random stream of the noise
 layers. Up to those, a member's metrics equal those of the same run trained alone, within float rounding (a fused
-convolution sums in another order). One caveat: a conv bias followed by batch norm has a true gradient of zero, and
-Adam scales its rounding noise up to steps of +-lr, so with `bias` on, packed and solo runs of BNCNN drift apart by
-about 1% of the loss in the first epoch (the kind of difference other hardware makes too); with `bias` off they
-agree to about 1e-6.
+convolution sums in another order; tests/test_packed.py compares in float64 over epochs and one step at a time in
+fp32 and bf16). With noise on, the shared noise stream makes a packed run differ from its solo run as much as a solo
+run with other noise draws does (benchmarks/PACK_VS_SOLO.md).
+
+Autocast does not reach convolutions under vmap, so a bf16 pack casts conv and linear weights and inputs itself.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch.nn import functional as F
 
 from trainer.data.recording import WindowSet
 from trainer.errors import ConfigError
-from trainer.training.trainer import FitResult, Trainer, TrainingDiverged, score_batch, tf32
+from trainer.training.trainer import FitResult, Trainer, TrainingDiverged, full_precision, score_batch, tf32
 
 # Settings every member of a pack must share (the rest of a pack's identity is the model's shape, checked below).
 SHARED = ("batch_size", "shuffle", "lossfxn", "log_poisson", "precision", "train_loop", "compile", "prune")
@@ -58,15 +59,26 @@ class StackedModels:
             return
         # The structure the vectorised call runs: a copy without storage, fed the stacked tensors.
         self.base = copy.deepcopy(models[0]).to("meta")
-        for module in self.base.modules():
+        self.autocast_names: set[str] = set()  # parameters that autocast would cast: conv and linear ones
+        for name, module in self.base.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm):
                 module.register_forward_pre_hook(_float_input)
+            if isinstance(module, AUTOCAST_MODULES):
+                module.register_forward_pre_hook(_weight_dtype_input)
+                self.autocast_names.update(f"{name}.{k}" if name else k for k, _ in module.named_parameters())
         self.param_names = [k for k, _ in models[0].named_parameters()]
         self.buffer_names = [k for k, _ in models[0].named_buffers()]
         self._stack()
 
     def _forward_one(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
                      x: torch.Tensor) -> torch.Tensor:
+        # Autocast does not reach convolutions under vmap (their batching rule runs below it): cast here what
+        # autocast would cast, conv and linear weights and (by the pre-hook) their inputs. Differentiable: the
+        # gradients reach the float32 weights as autocast's do.
+        device = x.device.type
+        if torch.is_autocast_enabled(device):
+            low = torch.get_autocast_dtype(device)
+            params = {k: v.to(low) if k in self.autocast_names else v for k, v in params.items()}
         return functional_call(self.base, (params, buffers), (x,))
 
     def _stack(self) -> None:
@@ -114,11 +126,23 @@ class StackedModels:
                 p.grad = None if grad is None else grad[i]
 
 
+# Modules whose computation autocast runs in the lower precision (the convolutions and matmuls of our models).
+AUTOCAST_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+def _weight_dtype_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """A conv or linear layer computes in its weight's dtype (bf16 under autocast in a pack): cast its input."""
+    x = args[0]
+    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != module.weight.dtype:
+        return (x.to(module.weight.dtype), *args[1:])
+    return None
+
+
 def _float_input(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
     """Batch norm under vmap refuses bf16 input with float32 weights (plain autocast allows it): give it float32
     (autocast casts again before the next convolution or linear layer)."""
     x = args[0]
-    if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float32:
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16):
         return (x.float(), *args[1:])
     return None
 
@@ -241,14 +265,15 @@ class PackedTrainer:
         lead = self.lead
         cfg = lead.cfg
         device = lead.device
-        l1 = torch.tensor([t.cfg["l1"] for t in members], device=device)
+        l1 = torch.tensor([t.cfg["l1"] for t in members], device=device,
+                          dtype=next(members[0].model.parameters()).dtype)
         use_l1 = bool((l1 > 0).any())
-        total = torch.zeros(len(members), device=device)
+        total: torch.Tensor | float = 0.0  # takes the losses' dtype (float64 for a float64 pack)
         n = 0
         pack.train(True)
         for x, y in lead.data.train.batches(cfg["batch_size"], shuffle=cfg["shuffle"], generator=self.generator):
             with lead.autocast():
-                out = pack(x).float()  # (K, batch, units)
+                out = full_precision(pack(x))  # (K, batch, units)
             losses = self._losses(out, y)
             if use_l1:
                 losses = losses + l1 * out.abs().mean(dim=(1, 2))
@@ -257,7 +282,7 @@ class PackedTrainer:
             pack.scatter_grads()
             for t in members:
                 t.optimizer.step()
-            total += losses.detach() * len(y)
+            total = total + losses.detach() * len(y)
             n += len(y)
         return (total / n).tolist()
 
@@ -275,4 +300,4 @@ class PackedTrainer:
         """Every member's outputs for every sample of `windows`, in batches, in eval mode: (K, samples, units)."""
         pack.train(False)
         with self.lead.autocast():
-            return torch.cat([pack(x).float() for x, _ in windows.batches(score_batch(self.lead.cfg))], dim=1)
+            return torch.cat([full_precision(pack(x)) for x, _ in windows.batches(score_batch(self.lead.cfg))], dim=1)

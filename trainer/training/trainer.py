@@ -72,6 +72,12 @@ def has_onehot_readout(model: nn.Module) -> bool:
     return all(callable(getattr(model, name, None)) for name in ("onehot_probs", "onehot_weights"))
 
 
+def full_precision(out: torch.Tensor) -> torch.Tensor:
+    """Model outputs for losses and metrics: half-precision outputs of autocast raised to float32, float32 and
+    float64 kept as they are (a float64 model, as the cross-machine tests use, keeps its precision)."""
+    return out if out.dtype in (torch.float32, torch.float64) else out.float()
+
+
 def score_batch(cfg: dict[str, Any]) -> int:
     """Samples per scoring batch: batch_size, at most SCORE_BATCH (a forward pass gains nothing from more, and
     scoring then never raises the peak memory of training)."""
@@ -181,7 +187,7 @@ class Trainer:
         for x, y in self.data.train.batches(self.cfg["batch_size"], shuffle=self.cfg["shuffle"],
                                             generator=self.shuffle_gen):
             with self.autocast():
-                out = self.forward(x).float()
+                out = full_precision(self.forward(x))
             loss = self.batch_loss(out, y)
             for name, (weight, term) in (penalties() if penalties is not None else {}).items():
                 if weight > 0:
@@ -215,7 +221,7 @@ class Trainer:
         self.model.eval()
         batch = score_batch(self.cfg)
         with self.autocast():
-            return torch.cat([self.forward(x).float() for x, _ in windows.batches(batch)])
+            return torch.cat([full_precision(self.forward(x)) for x, _ in windows.batches(batch)])
 
     def autocast(self) -> Any:
         """bf16 autocast of the forward pass when `precision` is bf16 (losses and metrics stay in fp32)."""
