@@ -29,7 +29,7 @@ from trainer import config  # noqa: E402
 from trainer.data.recording import load_data, recording_path  # noqa: E402
 from trainer.data.synth import write_synthetic  # noqa: E402
 from trainer.launch.local import seed_everything  # noqa: E402
-from trainer.models import build_model  # noqa: E402
+from trainer.models import build_model, prepare_model  # noqa: E402
 from trainer.training.packed import PackedTrainer  # noqa: E402
 from trainer.training.trainer import Trainer  # noqa: E402
 
@@ -38,6 +38,7 @@ def trainer(bundle, cfg: dict, folder: Path, batch_seed: int, noise_seed: int | 
     """A Trainer built as the launcher builds one; `noise_seed` reseeds the noise draws after the weights are made."""
     seed_everything(cfg["seed"])
     model = build_model(cfg, bundle.n_cells)
+    prepare_model(model, cfg, bundle)
     t = Trainer(model, bundle, cfg, folder, torch.device("cpu"))
     t.shuffle_gen = torch.Generator().manual_seed(batch_seed)
     if noise_seed is not None:

@@ -82,12 +82,13 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"{'seed':>4} {'CNN sub':>8} {'LN sub':>8} {'untr sub':>8} {'CNN-LN':>7} | "
-          f"{'CNN LN':>7} {'LN LN':>7} {'untr LN':>7} {'CNN-LN':>7} | {'spec':>6} {'s':>5} pass")
+          f"{'CNN LN':>7} {'LN LN':>7} {'untr LN':>7} {'CNN-LN':>7} | {'spec':>6} | {'FEVE CNN':>8} {'LN':>6} "
+          f"{'s':>5} pass")
     for r in rows:
         print(f"{r['seed']:>4} {r['cnn_subunit']:>8.3f} {r['ln_subunit']:>8.3f} {r['untrained_subunit']:>8.3f} "
               f"{r['cnn_minus_ln_subunit']:>7.3f} | {r['cnn_LN']:>7.3f} {r['ln_LN']:>7.3f} "
-              f"{r['untrained_LN']:>7.3f} {r['cnn_minus_ln_LN']:>7.3f} | {r['lead_sub_minus_lead_LN']:>6.3f} "
-              f"{r['seconds']:>5.0f} {r['passes']}")
+              f"{r['untrained_LN']:>7.3f} {r['cnn_minus_ln_LN']:>7.3f} | {r['lead_sub_minus_lead_LN']:>6.3f} | "
+              f"{r['cnn_feve']:>8.3f} {r['ln_feve']:>6.3f} {r['seconds']:>5.0f} {r['passes']}")
     print("spec: the CNN's lead over LN on subunit cells minus its lead on LN cells; margins", sc.MARGINS)
 
 

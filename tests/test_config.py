@@ -34,7 +34,7 @@ def test_int_is_accepted_for_float_and_becomes_float(tmp_path):
 
 
 @pytest.mark.parametrize("key,value,message", [
-    ("semantic_loss_scale", 1.0, r"unknown hyperparameter 'semantic_loss_scale'; did you mean 'semantic_scale'\?"),
+    ("semantic_scael", 1.0, r"unknown hyperparameter 'semantic_scael'; did you mean 'semantic_scale'\?"),
     ("lr", "0.01", r"hp.json: key 'lr': lr must be a number, got \"0.01\""),
     ("batch_size", 2.5, r"batch_size must be an integer"),
     ("bnorm", 1, r"bnorm must be true or false"),
@@ -80,8 +80,9 @@ def test_original_configs_load_mapping_and_warning_once(tmp_path):
     loaded = config.load_hyperparams(write(tmp_path, "hp.json", original))
     assert loaded.values["data_root"] == "/data/retina"
     assert loaded.values["activ_fxn"] == "Tanh" and loaded.values["save_root"] == "out"
+    assert loaded.values["train_loop"] == "train_loop"  # retinotopic false chose the plain loop
     assert len(loaded.warnings) == 1
-    assert "cross_val, finalstack, retinotopic, zscorey" in loaded.warnings[0]
+    assert "cross_val, finalstack, zscorey" in loaded.warnings[0]
 
 
 def test_alias_and_its_target_together_is_an_error(tmp_path):
@@ -114,7 +115,7 @@ def test_cells_ranges(tmp_path):
 
 
 def test_cross_key_checks():
-    cfg = config.resolve({"scheduler": "MultiStepLR"})
+    cfg = config.resolve({"scheduler": "MultiStepLR", "scheduler_milestones": []})
     with pytest.raises(ConfigError, match="needs scheduler_milestones"):
         config.check_run(cfg, "run 0")
     with pytest.raises(ConfigError, match="log_poisson only applies"):

@@ -300,11 +300,11 @@ def test_img_shape_and_cells_errors(rec: Path) -> None:
     with pytest.raises(DataError, match=r"frames are 6x5 but img_shape is \[40, 20, 20\]; set img_shape to "
                                         r"\[40, 6, 5\]"):
         load_data(rec, img_shape=[40, 20, 20])
-    with pytest.raises(DataError, match=r"cells \[3\] out of range; .* valid indices are 0\.\.2"):
+    with pytest.raises(DataError, match=r"cells \[3\] \(from the config\) out of range; .* valid indices are 0\.\.2"):
         load_data(rec, cells=[0, 3], img_shape=(4, H, W))
-    with pytest.raises(DataError, match=r"cells \[-1\] out of range"):
+    with pytest.raises(DataError, match=r"cells \[-1\] \(from the config\) out of range"):
         load_data(rec, cells=[-1], img_shape=(4, H, W))
-    with pytest.raises(DataError, match=r"cells \[1\] listed more than once"):
+    with pytest.raises(DataError, match=r"cells \[1\] \(from the config\) listed more than once"):
         load_data(rec, cells=[1, 2, 1], img_shape=(4, H, W))
     with pytest.raises(ConfigError, match="cells must be"):
         load_data(rec, cells="first", img_shape=(4, H, W))

@@ -17,7 +17,7 @@ def config(**overrides) -> dict:
     cfg = {
         "model_type": "BNCNN", "img_shape": [40, 50, 50], "chans": [8, 8], "ksizes": [15, 11, 11],
         "bnorm": True, "bnorm_d": 1, "bias": True, "gc_bias": False, "softplus": True, "noise": 0.05,
-        "bn_moment": 0.01, "activ_fxn": "ReLU",
+        "bn_moment": 0.01, "activ_fxn": "ReLU", "convgc": False, "drop_p": 0.0,
         "lr": 1e-3, "batch_size": 512,  # unrelated keys the models must ignore
     }
     cfg.update(overrides)
@@ -210,10 +210,20 @@ def test_ln_param_count_and_output():
     assert out.shape == (3, n) and (out > 0).all()
 
 
-def test_ln_softplus_false_is_linear():
+def test_ln_softplus_false_ends_in_elu_as_the_original():
     model = LN(n_units=2, img_shape=(2, 3, 3), softplus=False)
     x = torch.randn(5, 2, 3, 3)
-    assert torch.allclose(model(x), model.readout(x.flatten(1)))
+    linear = model.readout(x.flatten(1))
+    assert (linear < 0).any()  # the ELU's negative branch is exercised
+    assert torch.allclose(model(x), nn.functional.elu(linear))
+
+
+def test_ln_drops_stimulus_pixels_with_drop_p_in_training_only():
+    model = LN(n_units=2, img_shape=(2, 3, 3), drop_p=0.5)
+    x = torch.randn(5, 2, 3, 3)
+    assert isinstance(model.dropout, nn.Dropout) and model.dropout.p == 0.5
+    assert not torch.allclose(model.train()(x), model.train()(x))
+    assert torch.equal(model.eval()(x), model.eval()(x))
 
 
 # --- registry -----------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from trainer import config
 from trainer.data.recording import WindowSet, load_data, recording_path
 from trainer.errors import ConfigError
 from trainer.launch.local import seed_everything
-from trainer.models import build_model
+from trainer.models import build_model, prepare_model
 from trainer.search import pack_key, plan_packs
 from trainer.training import checkpoint
 from trainer.training.packed import PackedTrainer, StackedModels
@@ -59,8 +59,7 @@ def make(bundle, folder, overrides, batch_seed=None):
     cfg = config.resolve({**BASE, **overrides})
     seed_everything(cfg["seed"])
     model = build_model(cfg, bundle.n_cells)
-    if hasattr(model, "prepare"):
-        model.prepare(bundle)
+    prepare_model(model, cfg, bundle)
     model = model.to(bundle.train.rates.dtype)
     t = Trainer(model, bundle, cfg, folder, torch.device("cpu"), reporter=ListReporter())
     if batch_seed is not None:

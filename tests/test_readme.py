@@ -25,3 +25,17 @@ def test_commands_in_the_readme_exist():
     for option in ("--data-root", "--no-progress"):
         assert option in runner.invoke(main, ["search", "--help"]).output
         assert option in README.read_text()
+
+
+def test_every_test_named_in_the_differences_table_exists():
+    """docs/differences.md names the test that holds each row; a renamed or deleted test must update the table."""
+    import re
+
+    table = (README.parent / "docs" / "differences.md").read_text()
+    named = re.findall(r"`(test_\w+\.py)(?:::(\w+))?`", table)
+    assert len(named) > 30
+    for file, function in named:
+        path = README.parent / "tests" / file
+        assert path.is_file(), file
+        if function:
+            assert re.search(rf"^def {function}\(", path.read_text(), flags=re.M), f"{file}::{function}"

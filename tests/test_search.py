@@ -76,7 +76,7 @@ def test_duplicate_values_are_an_error(tmp_path):
 
 def test_cross_key_error_names_the_run(tmp_path):
     with pytest.raises(ConfigError, match=r"run 1 \(scheduler=\"MultiStepLR\"\).*scheduler_milestones"):
-        search.expand(*files(tmp_path, {}, {"scheduler": ["none", "MultiStepLR"]}))
+        search.expand(*files(tmp_path, {"scheduler_milestones": []}, {"scheduler": ["none", "MultiStepLR"]}))
 
 
 def test_expand_imports_neither_torch_nor_mlflow(tmp_path):

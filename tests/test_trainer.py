@@ -12,7 +12,7 @@ from trainer import config
 from trainer.data.recording import load_data, recording_path
 from trainer.errors import UserError
 from trainer.launch.local import seed_everything
-from trainer.models import build_model
+from trainer.models import build_model, prepare_model
 from trainer.training import checkpoint
 from trainer.training.trainer import Trainer
 
@@ -26,6 +26,7 @@ def make(bundle, tmp_path, reporter=None, **overrides):
     cfg = config.resolve({**SMALL, "n_epochs": 3, "lr": 0.01, **overrides})
     seed_everything(cfg["seed"])
     model = build_model(cfg, bundle.n_cells)
+    prepare_model(model, cfg, bundle)
     return Trainer(model, bundle, cfg, tmp_path / "run", torch.device("cpu"), reporter=reporter)
 
 
@@ -110,14 +111,27 @@ def test_resume_continues_exactly(bundle, tmp_path):
         assert torch.equal(a, b), k
 
 
-def test_l1_penalty_adds_mean_abs_output_and_does_not_grow_with_batch_size(bundle, tmp_path):
+def test_l1_penalty_is_the_originals_sum_over_batch_and_cells_or_a_mean_per_sample(bundle, tmp_path):
     plain = make(bundle, tmp_path, l1=0.0)
-    t = make(bundle, tmp_path, l1=0.5)
+    summed = make(bundle, tmp_path, l1=0.5)
+    mean = make(bundle, tmp_path, l1=0.5, l1_per_sample=True)
     x, y = bundle.train.get(torch.arange(64))
-    out = t.model.eval()(x).detach()
-    assert (t.batch_loss(out, y) - plain.batch_loss(out, y)).item() == pytest.approx(0.5 * out.abs().mean().item())
-    doubled = t.batch_loss(torch.cat([out, out]), torch.cat([y, y]))
-    assert doubled.item() == pytest.approx(t.batch_loss(out, y).item())
+    out = summed.model.eval()(x).detach()
+    two_out, two_y = torch.cat([out, out]), torch.cat([y, y])
+
+    def extra(t, o, target):
+        return (t.batch_loss(o, target) - plain.batch_loss(o, target)).item()
+
+    # the original (training.py: l1 * torch.norm(y, 1)): summed over batch and cells, so it doubles with the batch
+    assert extra(summed, out, y) == pytest.approx(0.5 * out.abs().sum().item())
+    assert extra(summed, two_out, two_y) == pytest.approx(2 * extra(summed, out, y))
+    # l1_per_sample: a mean, the same for a batch twice as large
+    assert extra(mean, out, y) == pytest.approx(0.5 * out.abs().mean().item())
+    assert extra(mean, two_out, two_y) == pytest.approx(extra(mean, out, y))
+    # validation adds the per-sample sum over cells (validate_static: l1 * norm(outs, 1) / n)
+    val = summed.predict(bundle.val)
+    added = summed.score_outputs(val, bundle.val)[0] - plain.score_outputs(val, bundle.val)[0]
+    assert added == pytest.approx(0.5 * val.abs().sum(1).mean().item(), rel=1e-5)
 
 
 def test_log_poisson_changes_the_loss_on_the_same_outputs(bundle, tmp_path):
@@ -156,7 +170,7 @@ def test_batch_size_sets_the_number_of_optimiser_steps(bundle, tmp_path):
         steps = []
         t.optimizer.register_step_post_hook(lambda opt, args, kwargs: steps.append(1))
         t.train_loop(1)
-        assert len(steps) == math.ceil(len(bundle.train) / batch_size)
+        assert len(steps) == len(bundle.train) // batch_size  # a last partial batch is dropped, as the original
 
 
 def test_lr_and_l2_configure_adam(bundle, tmp_path):

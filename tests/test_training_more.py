@@ -15,10 +15,10 @@ from trainer import config, models
 from trainer.data.recording import load_data, recording_path
 from trainer.errors import ConfigError, UserError
 from trainer.launch.local import seed_everything
-from trainer.models import build_model
+from trainer.models import build_model, prepare_model
 from trainer.training import checkpoint
 from trainer.training.losses import semantic_loss
-from trainer.training.pruning import channel_importance
+from trainer.training.pruning import channel_importance, integrated_gradients
 from trainer.training.trainer import Trainer
 
 
@@ -60,17 +60,18 @@ def bundle(data_root):
 
 
 def make(bundle, tmp_path, reporter=None, model=None, **overrides):
-    cfg = config.resolve({**SMALL, "n_epochs": 1, "lr": 0.01, "early_stopping": 0, "prune_intg_steps": 4,
+    cfg = config.resolve({**SMALL, "n_epochs": 1, "lr": 0.01, "early_stopping": 0, "alpha_steps": 4,
                           **overrides})
     seed_everything(cfg["seed"])
     if model is not None:
         model = model(bundle.n_cells, cfg["img_shape"])
     else:
         model = build_model(cfg, bundle.n_cells)
+        prepare_model(model, cfg, bundle)
     return Trainer(model, bundle, cfg, tmp_path / "run", torch.device("cpu"), reporter=reporter)
 
 
-PRUNE = {"prune": True, "prune_interval": 1, "prune_tolerance": 1.0}
+PRUNE = {"prune": True, "prune_intvl": 1, "prune_tolerance": 1.0}
 
 
 # ---- semantic loss ----------------------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_semantic_loss_gradients_are_finite_when_an_entry_reaches_one(dtype):
 # ---- retinotopic loop --------------------------------------------------------------------------------------------
 def test_retinotopic_loop_without_weights_is_train_loop(bundle, tmp_path):
     plain = make(bundle, tmp_path / "a", model=TinyOneHot)
-    retino = make(bundle, tmp_path / "b", model=TinyOneHot, train_loop="retinotopic_loop")
+    retino = make(bundle, tmp_path / "b", model=TinyOneHot, train_loop="retinotopic_loop", semantic_scale=0.0)
     a, b = plain.loops["train_loop"](1), retino.loops["retinotopic_loop"](1)
     assert a["train_loss"] == b["train_loss"]
     assert set(b) == {"train_loss", "semantic_loss", "onehot_l1"}
@@ -169,16 +170,36 @@ def test_importance_of_a_silenced_channel_is_zero(bundle):
         model.conv1.weight[1] = 0
         model.conv1.bias[1] = 0
     x, _ = bundle.train.get(torch.arange(64))
-    importance = channel_importance(model.train(), model.conv1, [x[:32], x[32:]], steps=4)
-    assert importance.shape == (4,) and importance[1] == 0
-    assert (importance[[0, 2, 3]] > 0).all()
+    for abssum in (False, True):
+        importance = channel_importance(model.train(), model.conv1, x, alpha_steps=4, abssum=abssum, batch_size=32)
+        assert importance.shape == (4,) and importance[1] == 0
+        assert (importance[[0, 2, 3]] > 0).all()
     assert model.training  # mode restored
+
+
+def test_integrated_gradients_follow_the_input_path_from_a_zero_stimulus(bundle):
+    """The original's attribution (a Riemann sum along the stimulus path from 0): summed over a layer's units it
+    approaches F(x) - F(0), the model's outputs summed over cells, as alpha_steps grows (completeness)."""
+    cfg = config.resolve({**SMALL, "noise": 0.0})
+    seed_everything(0)
+    model = build_model(cfg, bundle.n_cells).double().eval()
+    x = bundle.train.get(torch.arange(16))[0].double()
+    with torch.no_grad():
+        gain = (model(x) - model(torch.zeros_like(x))).sum(1)  # (B,)
+    errors = []
+    for steps in (5, 50, 500):
+        total = integrated_gradients(model, model.conv2, x, steps, batch_size=8).flatten(1).sum(1)
+        errors.append((total - gain).abs().max().item() / gain.abs().max().item())
+    assert errors[0] > errors[1] > errors[2] and errors[2] < 0.01, errors
+    # at the first layer's output too
+    total = integrated_gradients(model, model.conv1, x, 500, batch_size=16).flatten(1).sum(1)
+    assert torch.allclose(total, gain, rtol=0.01, atol=0.01 * gain.abs().max().item())
 
 
 def test_pruned_channel_and_its_adam_moments_stay_zero(bundle, tmp_path):
     t = make(bundle, tmp_path, **PRUNE)
     t.pruner.start(0, 0.0)
-    assert t.pruner.begin(1, t._importance_inputs())
+    assert t.pruner.begin(1, t._importance_inputs)
     c = t.pruner.pending["channel"]
     t.train_loop(1)  # many Adam steps with the channel's gradient nonzero
     conv = t.model.conv1
@@ -196,7 +217,7 @@ def test_pruning_a_stack_silences_the_stack_output_channel(bundle, tmp_path):
         pytest.skip("LinearStackedBNCNN is not registered")
     t = make(bundle, tmp_path, model_type="LinearStackedBNCNN", **PRUNE)
     t.pruner.start(0, 0.0)
-    t.pruner.begin(1, t._importance_inputs())
+    t.pruner.begin(1, t._importance_inputs)
     c = t.pruner.pending["channel"]
     t.train_loop(1)
     maps = {}
@@ -212,7 +233,7 @@ def test_revert_restores_the_exact_copy_and_moves_to_the_next_layer(bundle, tmp_
     t.train_loop(0)  # so that there is Adam state to compare too
     t.pruner.start(0, 0.9)  # a baseline the pruned model will not reach
     model_before, optim_before = copy.deepcopy(t.model.state_dict()), copy.deepcopy(t.optimizer.state_dict())
-    t.pruner.begin(1, t._importance_inputs())
+    t.pruner.begin(1, t._importance_inputs)
     t.train_loop(1)
     event = t.pruner.end_epoch(1, 0.5)
     assert event["reverted"] and event["layer"] == "conv1"
@@ -268,7 +289,7 @@ def test_large_tolerance_prunes_every_layer_to_one_channel(bundle, tmp_path):
 
 
 def test_resume_in_the_middle_of_pruning_continues_exactly(bundle, tmp_path):
-    overrides = {**PRUNE, "prune_interval": 2, "prune_layers": ["conv2"], "save_every_epoch": True}
+    overrides = {**PRUNE, "prune_intvl": 2, "prune_layers": ["conv2"], "save_every_epoch": True}
     straight = make(bundle, tmp_path / "a", **overrides)
     straight.fit()  # epoch 1 normal, then three conv2 prunings of two epochs each: 7 epochs
     state = checkpoint.load(tmp_path / "a" / "run" / "epoch_0004.pt")

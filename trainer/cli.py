@@ -312,9 +312,9 @@ def params(markdown: bool) -> None:
             click.echo(f"\n[{section}]")
         click.echo(f"  {p.name} ({p.kind}, default {default})\n      {what}")
     if not markdown:
-        aliases = ", ".join(f"{a} (= {b})" for a, b in config.ALIASES.items())
-        click.echo(f"\nAccepted from the original trainer: {aliases}; ignored with a warning: "
-                   f"{', '.join(config.IGNORED_LEGACY)}.")
+        aliases = ", ".join(f"{a} (= {b})" for a, (b, _) in config.ALIASES.items())
+        click.echo(f"\nAccepted from the original trainer: {aliases}; ignored with a warning where they change "
+                   f"nothing here: {', '.join(config.LEGACY_NOOP)}. See docs/differences.md.")
 
 
 def seed_form(argv: list[str]) -> list[str]:

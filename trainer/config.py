@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ SCHEDULERS = ("ReduceLROnPlateau", "MultiStepLR", "none")
 ACTIVATIONS = ("ReLU", "Tanh", "Softplus", "ELU", "LeakyReLU", "Sigmoid", "GELU")
 
 
+NOT_NULLABLE = object()  # Param.null for keys that do not accept null
+
+
 @dataclass(frozen=True)
 class Param:
     """One hyperparameter: its type, default, help text, and an optional range check."""
@@ -37,6 +41,7 @@ class Param:
     choices: tuple[str, ...] = ()
     original: str = ""  # how the original trainer differed, for the README table
     identity: bool = True  # False for keys that say where things are, not what is trained
+    null: Any = NOT_NULLABLE  # what a JSON null means for this key (the original's None), if it may be null
 
     @property
     def list_valued(self) -> bool:
@@ -78,11 +83,18 @@ def _device(v: str) -> str | None:
     return None if ok else "must be auto, cpu, cuda, cuda:N or mps"
 
 
+NAME_LIMIT = 120  # characters of exp_name, dataset, stim_type: each names a folder or file (255 bytes at most)
+
+
 def _name(v: str) -> str | None:
     if not v.strip():
         return "must not be empty"
     if "/" in v or v in (".", ".."):
         return "must not contain '/' or be '.' or '..' (it names a folder)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in v):
+        return "must not contain control characters (it names a folder)"
+    if len(v.encode()) > NAME_LIMIT:
+        return f"must be at most {NAME_LIMIT} bytes long (it names a folder)"
     return None
 
 
@@ -94,8 +106,9 @@ SCHEMA: tuple[Param, ...] = (
       original="underscores broke run numbering and 'test' was a hidden debug mode; any name works here"),
     P("n_repeats", "int", 1, "Times each hyperparameter combination is trained, each repeat with its own seed.",
       "experiment", _ge(1), original="repeats with a fixed seed were identical; ours derive a seed per repeat"),
-    P("seed", "int", 0, "Base random seed. Repeat 0 uses it as is; repeat r > 0 uses a seed derived from it and r.",
-      "experiment", _ge(0), original="default was the current time"),
+    P("seed", "int", 0, "Base random seed. Repeat 0 uses it as is; repeat r > 0 uses a seed derived from it and r. "
+      "null (the original's clock seed) is read as 0, with a warning.", "experiment", _between(0, 2**63 - 1),
+      original="default (and null) was the current time", null=0),
     P("save_every_epoch", "bool", False, "Keep the weights of every epoch's checkpoint (true) or only of the latest "
       "epoch (false). The best epoch's checkpoint is always kept.", "experiment",
       original="there was no best-epoch checkpoint"),
@@ -111,23 +124,34 @@ SCHEMA: tuple[Param, ...] = (
     P("bnorm_d", "int", 1, "Batch norm kind: 1 = one affine per unit and location, 2 = one per channel.", "model",
       lambda v: None if v in (1, 2) else "must be 1 or 2"),
     P("bias", "bool", True, "Trainable biases in the convolutions.", "model"),
-    P("softplus", "bool", True, "Softplus on the model outputs (keeps predicted rates positive).", "model"),
+    P("softplus", "bool", True, "Softplus on the model outputs (keeps predicted rates positive). false: the "
+      "original's Exponential, the identity while training (pair it with log_poisson) and exp at evaluation; LN "
+      "ends in ELU instead; RetinotopicModel always uses softplus, as the original.", "model"),
     P("chans", "ints", [8, 8], "Channels of the intermediate layers.", "model", _nonempty_all_ge(1)),
     P("ksizes", "ints", [15, 11, 11], "Kernel sizes of the convolutions, one per layer.", "model",
       _nonempty_all_ge(1)),
     P("img_shape", "ints", [40, 50, 50], "Model input: [history frames, height, width]; history is the window "
       "length in frames.", "model", _img_shape),
-    P("stackconvs", "bool", False, "Build large kernels as stacks of linear 3x3 convolutions (VaryModel).", "model"),
-    P("convgc", "bool", False, "Convolutional ganglion-cell layer (VaryModel).", "model"),
+    P("stackconvs", "bool", True, "VaryModel and RetinotopicModel: build the hidden layers' kernels as stacks of "
+      "linear 3x3 convolutions (odd kernel sizes only), as the original's default.", "model"),
+    P("convgc", "bool", False, "Convolutional ganglion-cell layer (BNCNN, LinearStackedBNCNN, VaryModel): a conv "
+      "with one channel per cell over the last map (kernel ksizes[n]), each cell read at its own position, the "
+      "peak of its receptive field estimated from the training data.", "model",
+      original="every cell was read at one clamped position (custom_modules.py: GrabUnits)"),
     P("rand_onehot", "bool", False, "Initialise the one-hot read-out of RetinotopicModel uniformly at random in "
       "[0,1) instead of 1/(H*W).", "model"),
     P("activ_fxn", "str", "ReLU", "Activation between layers.", "model", choices=ACTIVATIONS),
     P("noise", "float", 0.05, "Standard deviation of the Gaussian noise layers (training mode only).", "model",
       _ge(0)),
-    P("drop_p", "float", 0.0, "Dropout probability between linearly stacked convolutions.", "model",
-      _between(0, 1, hi_open=True)),
-    P("gc_bias", "bool", False, "Bias on the ganglion-cell (output) layer.", "model"),
+    P("drop_p", "float", 0.0, "Dropout probability between linearly stacked convolutions, and on the stimulus "
+      "pixels of LN.", "model", _between(0, 1, hi_open=True)),
+    P("gc_bias", "bool", False, "Bias on the ganglion-cell (output) layer (RetinotopicModel's per-cell conv takes "
+      "its bias from `bias`, as the original). null means false.", "model", null=False),
     P("bn_moment", "float", 0.01, "Momentum of the batch-norm layers.", "model", _between(0, 1)),
+    P("init_output_rate", "bool", True, "Start each cell's output at its mean training rate: the output batch "
+      "norm's shift (RetinotopicModel: the per-cell batch norm's; LN: the read-out bias) is set to the inverse of "
+      "the output activation at that rate (its log under log_poisson). false starts as the original, near 0.7 Hz "
+      "whatever the cell's rate.", "model", original="not done: outputs started near 0.7 Hz"),
     # --- data -----------------------------------------------------------------------------------------------------
     P("dataset", "str", "synth01", "Folder under the data root that holds the recording.", "data", _name),
     P("stim_type", "str", "whitenoise", "Recording file name without .h5: <data_root>/<dataset>/<stim_type>.h5.",
@@ -135,7 +159,10 @@ SCHEMA: tuple[Param, ...] = (
     P("data_root", "optstr", None, "Data root; null means the --data-root option, else $RETINA_DATA_ROOT, else "
       "~/experiments/data. The original's `datapath` is read as this key.", "data", identity=False,
       original="a custom data root was ignored for the test split, which then scored 0"),
-    P("cells", "cells", "all", "\"all\" or a list of row indices into the recording's response arrays.", "data"),
+    P("cells", "cells", "all", "\"all\" or a list of row indices into the recording's response arrays. \"all\" "
+      "is, as in the original, its curated list for the published recordings (datas.py: CELLS, e.g. 15-10-07 -> "
+      "0..4); for other recordings the list in the file's `cells` attribute, else every row. The run logs the "
+      "rows used as cell_ids.", "data"),
     P("val_frac", "float", 0.1, "Fraction of the training recording held out, as one contiguous stretch at its "
       "end, for validation; a gap of one window separates it from the training samples.", "data",
       _between(0, 1, hi_open=True),
@@ -152,48 +179,109 @@ SCHEMA: tuple[Param, ...] = (
       original="ran one or two epochs more than n_epochs"),
     P("lr", "float", 5e-3, "Adam learning rate.", "training", _gt(0)),
     P("l2", "float", 0.0, "Adam weight decay (L2 penalty on the weights).", "training", _ge(0)),
-    P("l1", "float", 0.0, "L1 penalty on the model outputs: l1 x mean |output| over the batch and cells.",
-      "training", _ge(0), original="summed over the batch, so it grew with batch_size"),
+    P("l1", "float", 0.0, "L1 penalty on the model outputs, as the original: l1 x the sum of |output| over the "
+      "batch and cells, added to the batch's mean loss (so it grows with batch_size); validation and test losses "
+      "add l1 x the per-sample sum. l1_per_sample makes it l1 x mean |output|.", "training", _ge(0)),
+    P("l1_per_sample", "bool", False, "l1 penalises the mean |output| over batch and cells (independent of "
+      "batch_size) instead of the original's sum.", "training"),
     P("precision", "str", "fp32", "Arithmetic of the forward pass: fp32, tf32 (TensorFloat-32 matmuls and "
       "convolutions on CUDA; no effect on CPU) or bf16 (bfloat16 autocast; losses and metrics stay fp32). fp32 "
       "is the default: for these 8-channel networks tf32 and bf16 were measured slower on an H200.", "training",
       choices=("fp32", "tf32", "bf16")),
     P("compile", "bool", False, "Compile the model with torch.compile (a few percent faster on a GPU, after a "
       "compilation delay; needs a C++ compiler on CPU).", "training"),
-    P("early_stopping", "int", 10, "Stop when the validation correlation has not improved for this many epochs "
-      "(0 = never stop early).", "training", _ge(0), original="never fired (its counter reset every epoch)"),
+    P("early_stopping", "int", 0, "Stop when the validation correlation has not improved for this many epochs "
+      "(0 = never stop early, the original's behaviour).", "training", _ge(0),
+      original="never fired (its counter reset every epoch): runs trained n_epochs"),
     P("scheduler", "str", "ReduceLROnPlateau", "Learning-rate schedule: ReduceLROnPlateau (on validation "
-      "correlation, max mode), MultiStepLR (at scheduler_milestones) or none.", "training", choices=SCHEDULERS,
+      "correlation, max mode), MultiStepLR (at scheduler_milestones) or none (null means none).", "training",
+      choices=SCHEDULERS, null="none",
       original="the plateau scheduler watched a correlation in min mode, so it decayed on a timer"),
-    P("scheduler_scale", "float", 0.5, "Factor the learning rate is multiplied by at each decay.", "training",
-      _between(0, 1, hi_open=True)),
-    P("scheduler_patience", "int", 3, "ReduceLROnPlateau: epochs without improvement before a decay.", "training",
+    P("scheduler_scale", "float", 0.5, "ReduceLROnPlateau: factor the learning rate is multiplied by at each "
+      "decay.", "training", _between(0, 1, hi_open=True)),
+    P("scheduler_patience", "int", 10, "ReduceLROnPlateau: epochs without improvement before a decay.", "training",
       _ge(0)),
-    P("scheduler_thresh", "float", 1e-3, "ReduceLROnPlateau: smallest change of validation correlation that "
-      "counts as an improvement.", "training", _ge(0)),
-    P("scheduler_milestones", "ints", [], "MultiStepLR: epochs (1-based) after which the learning rate decays.",
-      "training", _all_ge(1)),
+    P("scheduler_thresh", "float", 1e-2, "ReduceLROnPlateau: an improvement is a validation correlation above "
+      "best x (1 + scheduler_thresh) (relative, as the original).", "training", _ge(0)),
+    P("scheduler_milestones", "ints", [10, 20, 30], "MultiStepLR: epochs (1-based) after which the learning rate "
+      "decays.", "training", _all_ge(1)),
+    P("scheduler_gamma", "float", 0.1, "MultiStepLR: factor the learning rate is multiplied by at each milestone "
+      "(the original's fixed 0.1).", "training", _between(0, 1, hi_open=True)),
     # --- pruning and retinotopic read-out (used by the models and loops that have them) -------------------------
     P("prune", "bool", False, "Prune intermediate conv channels after n_epochs of training.", "pruning"),
     P("prune_layers", "strs", [], "Layers to prune; empty means every intermediate conv layer.", "pruning"),
-    P("prune_interval", "int", 5, "Epochs of training between two prunings (and before judging the last one).",
+    P("prune_intvl", "int", 10, "Epochs of training between two prunings (and before judging the last one).",
       "pruning", _ge(1)),
     P("prune_tolerance", "float", 0.05, "Largest drop of validation correlation a pruning may cause; a larger "
-      "drop reverts it and pruning moves to the next layer.", "pruning", _ge(0)),
-    P("prune_intg_steps", "int", 10, "Integration steps of the integrated-gradient channel importance.",
-      "pruning", _ge(1)),
-    P("semantic_scale", "float", 0.0, "Weight of the 'exactly one position' semantic loss (retinotopic_loop).",
+      "drop reverts it and pruning moves to the next layer.", "pruning", _ge(0),
+      original="no default (a KeyError when missing); the revert restored nothing (the saved state aliased the "
+      "live weights)"),
+    P("alpha_steps", "int", 5, "Integrated-gradient channel importance: points on the path from a zero stimulus "
+      "to the stimulus (0 and 1 included).", "pruning", _ge(2)),
+    P("intg_bsize", "int", 500, "Integrated-gradient channel importance: training samples it is averaged over, "
+      "drawn at random each time.", "pruning", _ge(1)),
+    P("abssum", "bool", False, "Channel importance: mean over samples of the sum of |attribution| over positions "
+      "(true) or of |the sum| (false).", "pruning"),
+    P("zero_bias", "bool", True, "Pruning zeroes a channel's bias as well as its filter.", "pruning"),
+    P("semantic_scale", "float", 10.0, "Weight of the 'exactly one position' semantic loss (retinotopic_loop).",
       "retinotopic", _ge(0)),
-    P("semantic_l1", "float", 0.0, "L1 penalty on the one-hot read-out weights (retinotopic_loop).", "retinotopic",
-      _ge(0)),
+    P("semantic_l1", "float", 0.0, "L1 penalty on the one-hot read-out weights (retinotopic_loop): semantic_l1 x "
+      "the mean over cells of the L1 norm of each cell's weights, as the original.", "retinotopic", _ge(0)),
 )
 del P
 
 BY_NAME: dict[str, Param] = {p.name: p for p in SCHEMA}
 
-# Keys of the original trainer's shipped configs: some map onto ours, the rest do nothing here.
-ALIASES = {"datapath": "data_root"}
-IGNORED_LEGACY = ("finalstack", "retinotopic", "cross_val", "zscorey")
+# Keys of the original's shipped configs (training_scripts/*.json at every commit found; tests/data/
+# original_configs.json) that are not ours. Each maps onto one of our keys, or changes nothing here.
+ALIASES: dict[str, tuple[str, Callable[[Any], Any] | None]] = {  # original key -> (our key, value conversion)
+    "datapath": ("data_root", None),
+    "semantic_loss_scale": ("semantic_scale", None),  # its earlier name (training.py: retinotopic_loop)
+    "bnorm_momentum": ("bn_moment", None),  # earlier name (models.py)
+    "linear_bias": ("gc_bias", lambda v: bool(v) if v is None or isinstance(v, bool) else v),  # null: no bias
+    # the original chose the loop by this flag and ignored train_loop (training.py: hyper_search)
+    "retinotopic": ("train_loop", lambda v: ("retinotopic_loop" if v else "train_loop")
+                    if v is None or isinstance(v, bool) else v),
+    # validation was the last 1/n_cv_folds of the samples (training.py, datas.py: DataDistributor)
+    "n_cv_folds": ("val_frac", lambda v: 1.0 / v if isinstance(v, int) and not isinstance(v, bool) and v > 1
+                   else v),
+    # in hyperparams_template.json (5845142) beside no `dataset`; no code reading it was found: it names the dataset
+    "data_set": ("dataset", None),
+    "prune_interval": ("prune_intvl", None),  # our earlier names
+    "prune_intg_steps": ("alpha_steps", None),
+}
+ANY = object()
+# original key -> (the values at which it changes nothing here, or ANY; what it does otherwise)
+LEGACY_NOOP: dict[str, tuple[Any, str]] = {
+    "starting_exp_num": (ANY, "run numbering"), "exp_num_offset": (ANY, "run numbering"),
+    "description": (ANY, "a note"), "skip_nums": (ANY, "skipping run numbers"),
+    "finalstack": (ANY, "nothing (read by no code of the original)"),
+    "bnaftrelu": (ANY, "nothing (read by no code of the original)"),
+    "min_prune_acc": (ANY, "nothing (read by no code of the original)"),
+    "start_checkpt": (ANY, "nothing (read by no code of the original)"),
+    "lr_bk": (ANY, "nothing (read by no code of the original)"),
+    "final_bias": (ANY, "nothing (read by no code of the original found; gc_bias sets that bias)"),
+    "cross_val_idx": (ANY, "nothing: the original's validation split ignored it (datas.py: DataDistributor.torch)"),
+    "datasets": (ANY, "the multi-recording scripts"), "stim_types": (ANY, "the multi-recording scripts"),
+    "intl_pop": (ANY, "recurrent models"), "recur_seq_len": (ANY, "recurrent models"),
+    "reset_hs": (ANY, "recurrent models"), "rnn_chans": (ANY, "recurrent models"),
+    "rnn_type": (ANY, "recurrent models"), "scale_kinet": (ANY, "recurrent models"),
+    "rand_sample": ((True, None), "a sample order fixed across epochs (false)"),
+    "cross_val": ((False,), "cross-validation folds"), "zscorey": ((False,), "z-scored firing rates"),
+    "shift_labels": ((False,), "the shifted-labels null model"), "adapt_gauss": ((False,), "adaptive noise"),
+    "inference_exp": ((False,), "exp of the outputs at evaluation (use softplus false)"),
+    "one2one": ((False,), "one-to-one stacked convolutions"), "startpt": ((None,), "starting from a checkpoint"),
+    "reset_lr": ((False,), "learning-rate resets while pruning"),
+    "reset_sd": ((False,), "weight resets while pruning"), "altn_layers": ((False,), "alternating pruned layers"),
+}
+# Model classes of the original that retina-trainer does not provide, with what to use instead.
+ORIGINAL_ONLY_MODELS = {
+    "BNCNN2D": "model_type BNCNN with bnorm_d 2 is the same network",
+    "AbsBNBNCNN": "the nearest is LinearStackedBNCNN (positive-scale batch norms) or BNCNN",
+    "PracticalBNCNN": "the nearest is BNCNN (noise instead of dropout, batch norm before the activation)",
+    "MultiDataBNCNN": "train one BNCNN per recording", "ParallelDataBNCNN": "train one BNCNN per recording",
+    "KineticsModel": "recurrent kinetics models are not provided",
+}
 NOT_SEARCHABLE = ("n_repeats", "exp_name")
 
 
@@ -214,15 +302,36 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
     """Read a JSON object from `path`; every problem is a ConfigError naming the file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise ConfigError(f"{what} file not found: {path}") from None
     except OSError as exc:
-        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror}") from None
+        raise ConfigError(f"cannot read {what} file {path}: {exc.strerror or exc}") from None
     try:
-        data = json.loads(text)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start} is {raw[exc.start]:#04x}); save the file as "
+                          "UTF-8") from None
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in pairs:
+            if key in out:
+                raise ConfigError(f"{path}: key '{key}' appears twice; keep one")
+            out[key] = value
+        return out
+
+    try:
+        data = json.loads(text, object_pairs_hook=unique)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read; a hyperparameter file is one flat object") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{path}: a number has more digits than can be read ({sys.get_int_max_str_digits()} at "
+                          "most); use a plain number") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object {{\"key\": value, ...}}, got {type(data).__name__}")
     return data
@@ -234,9 +343,21 @@ def _type_name(kind: str) -> str:
             "cells": "\"all\" or a list of integers"}[kind]
 
 
+INT_LIMIT = 2**63  # integers beyond this fit neither torch nor numpy
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for a message: JSON, cut to `limit` characters (a 5,000-digit number stays readable)."""
+    try:
+        text = json.dumps(value)
+    except (ValueError, TypeError):
+        text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 def _coerce(p: Param, value: Any, where: str) -> Any:
     """Check one value's type and range; return it in canonical form (ints as floats for float keys)."""
-    bad = ConfigError(f"{where}: {p.name} must be {_type_name(p.kind)}, got {json.dumps(value)}")
+    bad = ConfigError(f"{where}: {p.name} must be {_type_name(p.kind)}, got {_short(value)}")
     k = p.kind
     if k == "bool":
         if not isinstance(value, bool):
@@ -244,10 +365,18 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
     elif k == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise ConfigError(f"{where}: {p.name} must be an integer below 2^63 in size, got one with "
+                              f"{len(str(abs(value)))} digits")
     elif k == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:
+            value = math.inf
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: {p.name} must be a finite number, got {_short(value)}")
     elif k == "str":
         if not isinstance(value, str):
             raise bad
@@ -258,6 +387,8 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
         item = str if k == "strs" else int
         if not isinstance(value, list) or any(isinstance(x, bool) or not isinstance(x, item) for x in value):
             raise bad
+        if item is int and any(not -INT_LIMIT <= x < INT_LIMIT for x in value):
+            raise ConfigError(f"{where}: {p.name} entries must be integers below 2^63 in size")
         value = list(value)
     elif k == "cells":
         if value == "all":
@@ -265,89 +396,149 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
         elif isinstance(value, list) and value and all(isinstance(x, int) and not isinstance(x, bool)
                                                        for x in value):
             if any(x < 0 for x in value):
-                raise ConfigError(f"{where}: cells must be non-negative row indices, got {json.dumps(value)}")
+                raise ConfigError(f"{where}: cells must be non-negative row indices, got {_short(value)}")
             if len(set(value)) != len(value):
-                raise ConfigError(f"{where}: cells lists a cell twice: {json.dumps(value)}")
+                raise ConfigError(f"{where}: cells lists a cell twice: {_short(value)}")
             value = list(value)
         else:
             raise bad
     if p.choices and value not in p.choices:
-        raise ConfigError(f"{where}: {p.name} {json.dumps(value)} is not one of: {', '.join(p.choices)}")
+        hint = ""
+        if p.name == "model_type" and value in ORIGINAL_ONLY_MODELS:
+            hint = f" ({value} is a model of the original that retina-trainer does not provide: " \
+                   f"{ORIGINAL_ONLY_MODELS[value]})"
+        raise ConfigError(f"{where}: {p.name} {_short(value)} is not one of: {', '.join(p.choices)}{hint}")
     if p.check is not None and value is not None:
         problem = p.check(value)
         if problem:
-            raise ConfigError(f"{where}: {p.name} {problem}, got {json.dumps(value)}")
+            raise ConfigError(f"{where}: {p.name} {problem}, got {_short(value)}")
     return value
 
 
-def _resolve_key(key: str, path: Path, seen_legacy: list[str]) -> str | None:
-    """Map a file's key to a schema key; None for known keys of the original that do nothing here."""
+def _candidates() -> list[str]:
+    return list(BY_NAME) + list(ALIASES) + list(LEGACY_NOOP)
+
+
+def _resolve_key(key: str, where: str) -> tuple[str | None, Callable[[Any], Any] | None]:
+    """Map a file's key to (schema key, conversion of the original's values); (None, None) for a key of the
+    original that changes nothing here. An unknown key is an error that suggests the closest known one."""
     if key in BY_NAME:
-        return key
+        return key, None
     if key in ALIASES:
         return ALIASES[key]
-    if key in IGNORED_LEGACY:
-        seen_legacy.append(key)
-        return None
-    close = difflib.get_close_matches(key, list(BY_NAME) + list(ALIASES), n=1, cutoff=0.5)
+    if key in LEGACY_NOOP:
+        return None, None
+    close = difflib.get_close_matches(key, _candidates(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `retina-trainer params` for the known keys"
-    raise ConfigError(f"{path}: unknown hyperparameter '{key}'{hint}")
+    raise ConfigError(f"{where}: unknown hyperparameter '{key}'{hint}")
 
 
-def _legacy_warning(path: Path, keys: list[str]) -> list[str]:
-    if not keys:
-        return []
-    return [f"{path}: ignoring keys of the original trainer that do nothing here: {', '.join(sorted(keys))}"]
+def _check_noop(key: str, value: Any, where: str) -> None:
+    """A key of the original that we do not implement may only take the values at which it changed nothing."""
+    allowed, what = LEGACY_NOOP[key]
+    if allowed is not ANY and value not in allowed:
+        ok = " or ".join(json.dumps(v) for v in allowed)
+        raise ConfigError(f"{where}: key '{key}' {_short(value)} asks for {what}, which retina-trainer does "
+                          f"not do; remove the key or set it to {ok}")
+
+
+def _value(p: Param, key: str, value: Any, convert: Callable[[Any], Any] | None, where: str,
+           notes: list[str]) -> Any:
+    """One value of key `key` (ours or the original's) as a valid value of our `p`."""
+    if convert is not None:
+        value = convert(value)
+    if value is None and p.null is not NOT_NULLABLE:
+        if p.name == "seed":
+            notes.append(f"{where}: seed null (the original's clock seed) is read as {p.null}, so that the run "
+                         "can be repeated")
+        return p.null
+    return _coerce(p, value, f"{where}: key '{key}'")
+
+
+def _notes(where: str, ignored: list[str], notes: list[str]) -> list[str]:
+    out = list(notes)
+    if ignored:
+        out.append(f"{where}: ignoring keys of the original trainer that change nothing here: "
+                   f"{', '.join(sorted(ignored))} (docs/differences.md)")
+    return out
+
+
+def _set(name: str, key: str, source: dict[str, str], where: str, notes: list[str]) -> bool:
+    """Record that `key` sets schema key `name`; False when an earlier key wins. Two keys for one setting are an
+    error, except the original's `retinotopic` flag, which wins over train_loop as it did there."""
+    if name not in source:
+        source[name] = key
+        return True
+    first = source[name]
+    if "retinotopic" in (first, key) and name == "train_loop":
+        notes.append(f"{where}: '{first if first != 'retinotopic' else key}' is overridden by 'retinotopic', "
+                     "which chose the loop in the original")
+        if key == "retinotopic":
+            source[name] = key
+            return True
+        return False
+    raise ConfigError(f"{where}: '{first}' and '{key}' both set {name}; keep one")
+
+
+def parse_hyperparams(raw: dict[str, Any], where: str) -> Loaded:
+    """Validate a hyperparams object (read from `where`): every key known, every value of the right type and in
+    range; the original's keys mapped onto ours or, where they change nothing, named in one warning."""
+    values: dict[str, Any] = {}
+    source: dict[str, str] = {}
+    ignored: list[str] = []
+    notes: list[str] = []
+    for key, value in raw.items():
+        name, convert = _resolve_key(key, where)
+        if name is None:
+            _check_noop(key, value, where)
+            ignored.append(key)
+            continue
+        if _set(name, key, source, where, notes):
+            values[name] = _value(BY_NAME[name], key, value, convert, where, notes)
+    return Loaded(values, _notes(where, ignored, notes))
 
 
 def load_hyperparams(path: str | Path) -> Loaded:
-    """Read and validate hyperparams.json: every key known, every value of the right type and in range."""
-    path = Path(path)
-    raw = read_json(path, "hyperparams")
-    values: dict[str, Any] = {}
+    """Read and validate hyperparams.json (see parse_hyperparams)."""
+    return parse_hyperparams(read_json(path, "hyperparams"), str(path))
+
+
+def parse_hyperranges(raw: dict[str, Any], where: str) -> Loaded:
+    """Validate a hyperranges object: each key maps to a non-empty list of values to search over."""
+    ranges: dict[str, list[Any]] = {}
     source: dict[str, str] = {}
-    legacy: list[str] = []
-    for key, value in raw.items():
-        name = _resolve_key(key, path, legacy)
+    ignored: list[str] = []
+    notes: list[str] = []
+    for key, options in raw.items():
+        name, convert = _resolve_key(key, where)
+        if not isinstance(options, list) or not options:
+            raise ConfigError(f"{where}: key '{key}' must be a non-empty list of values to try, "
+                              f"got {_short(options)}")
         if name is None:
+            for o in options:
+                _check_noop(key, o, where)
+            ignored.append(key)
             continue
-        if name in source:
-            raise ConfigError(f"{path}: '{source[name]}' and '{key}' both set {name}; keep one")
-        source[name] = key
-        values[name] = _coerce(BY_NAME[name], value, f"{path}: key '{key}'")
-    return Loaded(values, _legacy_warning(path, legacy))
+        if name in NOT_SEARCHABLE:
+            raise ConfigError(f"{where}: {name} cannot be searched; set it in hyperparams.json")
+        if not _set(name, key, source, where, notes):
+            continue
+        p = BY_NAME[name]
+        if p.list_valued and p.kind != "cells" and not all(isinstance(o, list) for o in options):
+            raise ConfigError(f"{where}: key '{key}' takes a list per run, so give a list of lists "
+                              f"(e.g. [{json.dumps(p.default or [1, 2])}]), got {_short(options)}")
+        if p.kind == "cells" and not all(isinstance(o, list) or o == "all" for o in options):
+            raise ConfigError(f"{where}: key 'cells' takes \"all\" or a list per run, so give e.g. "
+                              f"[\"all\", [0, 1]], got {_short(options)}")
+        ranges[name] = [_value(p, key, o, convert, where, notes) for o in options]
+    return Loaded(ranges, _notes(where, ignored, notes))
 
 
 def load_hyperranges(path: str | Path | None) -> Loaded:
-    """Read and validate hyperranges.json: each key maps to a non-empty list of values to search over."""
+    """Read and validate hyperranges.json (see parse_hyperranges); no file means no ranges."""
     if path is None:
         return Loaded({})
-    path = Path(path)
-    raw = read_json(path, "hyperranges")
-    ranges: dict[str, list[Any]] = {}
-    source: dict[str, str] = {}
-    legacy: list[str] = []
-    for key, options in raw.items():
-        name = _resolve_key(key, path, legacy)
-        if name is None:
-            continue
-        if name in source:
-            raise ConfigError(f"{path}: '{source[name]}' and '{key}' both set {name}; keep one")
-        source[name] = key
-        if name in NOT_SEARCHABLE:
-            raise ConfigError(f"{path}: {name} cannot be searched; set it in hyperparams.json")
-        p = BY_NAME[name]
-        if not isinstance(options, list) or not options:
-            raise ConfigError(f"{path}: key '{key}' must be a non-empty list of values to try, "
-                              f"got {json.dumps(options)}")
-        if p.list_valued and p.kind != "cells" and not all(isinstance(o, list) for o in options):
-            raise ConfigError(f"{path}: key '{key}' takes a list per run, so give a list of lists "
-                              f"(e.g. [{json.dumps(p.default or [1, 2])}]), got {json.dumps(options)}")
-        if p.kind == "cells" and not all(isinstance(o, list) or o == "all" for o in options):
-            raise ConfigError(f"{path}: key 'cells' takes \"all\" or a list per run, so give e.g. "
-                              f"[\"all\", [0, 1]], got {json.dumps(options)}")
-        ranges[name] = [_coerce(p, o, f"{path}: key '{key}'") for o in options]
-    return Loaded(ranges, _legacy_warning(path, legacy))
+    return parse_hyperranges(read_json(path, "hyperranges"), str(path))
 
 
 def resolve(values: dict[str, Any]) -> dict[str, Any]:

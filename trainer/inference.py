@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from trainer import config
 from trainer.errors import UserError
 from trainer.models import build_model
 from trainer.training import checkpoint
+from trainer.training.trainer import as_rates
 
 
 @dataclass
@@ -57,10 +59,7 @@ class LoadedModel:
         for start in range(0, stim.shape[0] - h, batch_size):
             starts = torch.arange(start, min(start + batch_size, stim.shape[0] - h), device=device)
             x = (stim[starts[:, None] + offsets].float() - self.mean) / self.std
-            y = self.model(x)
-            if self.config["lossfxn"] == "PoissonNLLLoss" and self.config["log_poisson"]:
-                y = y.exp()
-            out.append(y.cpu())
+            out.append(as_rates(self.config, self.model(x)).cpu())
         return torch.cat(out).numpy()
 
 
@@ -76,12 +75,28 @@ def load_checkpoint(path: str | Path, source: str | None = None) -> LoadedModel:
     missing = [k for k in ("model", "config", "norm", "cell_ids") if k not in state]
     if missing:
         raise UserError(f"{path} is not a retina-trainer checkpoint: it lacks {', '.join(missing)}")
-    model = build_model(state["config"], len(state["cell_ids"]))
-    model.load_state_dict(state["model"])
+    cfg = config.resolve({k: v for k, v in state["config"].items() if k in config.BY_NAME})
+    model = build_model(cfg, len(state["cell_ids"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        raise UserError(f"{path}: its weights do not fit a {cfg['model_type']} of this retina-trainer "
+                        f"({str(exc).splitlines()[0]}); a checkpoint of retina-trainer before 0.2 "
+                        "(RetinotopicModel) must be trained again") from None
+    if state.get("format", 1) < checkpoint.FORMAT:
+        _as_before_0_2(model)
     model.eval()
-    return LoadedModel(model=model, config=state["config"], mean=float(state["norm"]["mean"]),
+    return LoadedModel(model=model, config=cfg, mean=float(state["norm"]["mean"]),
                        std=float(state["norm"]["std"]), cell_ids=list(state["cell_ids"]), epoch=int(state["epoch"]),
                        source=source or str(path))
+
+
+def _as_before_0_2(model: nn.Module) -> None:
+    """A model trained by retina-trainer 0.1 computes as it did there: batch norms with torch's eps (1e-5, not the
+    original's 1e-3)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = 1e-5
 
 
 def load_model(ref: str | Path) -> LoadedModel:

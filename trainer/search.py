@@ -83,6 +83,9 @@ def short_value(value: Any) -> str:
     return str(value)
 
 
+RUN_NAME_LIMIT = 250  # bytes: the run name is a folder name (255 at most on common file systems) and an MLflow name
+
+
 def run_name(exp_name: str, index: int, searched: dict[str, Any], repeat: int, n_repeats: int) -> str:
     """Readable run name: <exp_name>_<index>_<key><value>..., with _r<repeat> when repeated."""
     parts = [exp_name, f"{index:03d}"] + [f"{k}{short_value(v)}" for k, v in searched.items()]
@@ -106,8 +109,12 @@ def expand(hyperparams: str | Path, hyperranges: str | Path | None = None) -> Se
             index = len(runs)
             where = f"run {index} ({', '.join(f'{k}={json.dumps(v)}' for k, v in searched.items()) or 'defaults'})"
             config.check_run(cfg, where)
-            runs.append(RunSpec(index=index, name=run_name(base["exp_name"], index, searched, repeat,
-                                                           base["n_repeats"]),
+            name = run_name(base["exp_name"], index, searched, repeat, base["n_repeats"])
+            if len(name.encode()) > RUN_NAME_LIMIT:
+                raise ConfigError(f"{where}: its run name {name[:40]}... is {len(name.encode())} bytes long, more "
+                                  f"than a folder name may be ({RUN_NAME_LIMIT}); shorten exp_name or the searched "
+                                  "values")
+            runs.append(RunSpec(index=index, name=name,
                                 config_id=config_id(cfg), seed=cfg["seed"], repeat=repeat, searched=searched,
                                 config=cfg))
     seen: dict[str, int] = {}
@@ -129,6 +136,7 @@ def expand(hyperparams: str | Path, hyperranges: str | Path | None = None) -> Se
 PACK_MEMBER_KEYS = frozenset({
     "seed", "lr", "l2", "l1", "n_epochs", "early_stopping", "save_every_epoch",
     "scheduler", "scheduler_scale", "scheduler_patience", "scheduler_thresh", "scheduler_milestones",
+    "scheduler_gamma",
 })
 
 

@@ -94,6 +94,10 @@ class RunLog:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def log_params(self, params: dict[str, Any]) -> None:
+        """Log params the run learns once its data is loaded (logging the same value again, on resume, is fine)."""
+        self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
+
     def end(self, status: str) -> None:
         """End the run FINISHED, FAILED or KILLED."""
         self.client.set_terminated(self.run_id, status)

@@ -19,6 +19,7 @@ import h5py
 import numpy as np
 import torch
 
+from trainer.data.cells import FILE_ATTR, all_cells
 from trainer.errors import ConfigError, DataError
 
 DATA_ROOT_ENV = "RETINA_DATA_ROOT"
@@ -90,15 +91,18 @@ class WindowSet:
         x = x.to(self.rates.dtype).sub_(self.mean).div_(self.std)  # in place: one float copy of the batch
         return x, self.rates[s + self.history]
 
-    def batches(self, batch_size: int, shuffle: bool = False,
-                generator: torch.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x, y) batches covering each sample once; shuffle reorders samples, not a window's frames."""
+    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
+                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Yield (x, y) batches covering each sample once; shuffle reorders samples, not a window's frames.
+        drop_last leaves out a last partial batch (training does, as the original: a batch of one sample would
+        make batch norm fail)."""
         if batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
         n = len(self)
         order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
         order = order.to(self.starts.device)
-        for i in range(0, n, batch_size):
+        stop = n - n % batch_size if drop_last else n
+        for i in range(0, stop, batch_size):
             yield self.get(order[i:i + batch_size])
 
     def to(self, device: str | torch.device) -> WindowSet:
@@ -121,6 +125,7 @@ class DataBundle:
     stim_std: float
     path: Path
     test_repeats: np.ndarray | None  # (n_repeats, n_test_samples, n_cells) aligned with test samples, or None
+    cells_source: str = "the config"  # where cell_ids came from (see trainer/data/cells.py)
 
     def norm_stats(self) -> dict:
         """The stimulus normalisation, to save with a model so it sees new stimuli the way it was trained."""
@@ -388,10 +393,20 @@ def _img_shape(img_shape: Sequence[int]) -> tuple[int, int, int]:
     return int(shape[0]), int(shape[1]), int(shape[2])
 
 
-def _cell_ids(cells: str | list[int], n_cells: int, path: Path) -> list[int]:
-    """Row indices for `cells` ("all" or a list of indices), checked against the file's cells."""
+def _cell_ids(cells: str | list[int], n_cells: int, path: Path, f: h5py.File) -> tuple[list[int], str]:
+    """Row indices for `cells` ("all" or a list of indices), checked against the file's cells, and where the list
+    came from ("all": see trainer/data/cells.py)."""
+    source = "the config"
     if isinstance(cells, str) and cells == "all":
-        return list(range(n_cells))
+        try:
+            listed = f.attrs.get(FILE_ATTR)
+        except (OSError, RuntimeError, TypeError) as e:
+            raise DataError(f"{path}: the root attribute '{FILE_ATTR}' cannot be read ({_first_line(e)}); "
+                            "rewrite it as a list of row indices") from e
+        cells, source = all_cells(path.parent.name, n_cells, listed)
+        if not cells:
+            raise DataError(f"{path}: the root attribute '{FILE_ATTR}' lists no cells; list row indices or "
+                            "delete it")
     if isinstance(cells, np.ndarray):
         cells = cells.tolist()
     if isinstance(cells, str) or not isinstance(cells, Sequence) or not cells or \
@@ -400,13 +415,13 @@ def _cell_ids(cells: str | list[int], n_cells: int, path: Path) -> list[int]:
     ids = [int(c) for c in cells]
     bad = [c for c in ids if not 0 <= c < n_cells]
     if bad:
-        raise DataError(f"{path}: cells {bad} out of range; this recording has {n_cells} cells, valid "
-                        f"indices are 0..{n_cells - 1}")
+        raise DataError(f"{path}: cells {bad} (from {source}) out of range; this recording has {n_cells} cells, "
+                        f"valid indices are 0..{n_cells - 1}")
     dup = sorted({c for c in ids if ids.count(c) > 1})
     if dup:
-        raise DataError(f"{path}: cells {dup} listed more than once; list each row index "
+        raise DataError(f"{path}: cells {dup} (from {source}) listed more than once; list each row index "
                         f"(0..{n_cells - 1}) once")
-    return ids
+    return ids, source
 
 
 def _to_memory(stim: h5py.Dataset) -> np.ndarray:
@@ -418,8 +433,9 @@ def _to_memory(stim: h5py.Dataset) -> np.ndarray:
 
 
 def _check_fit(f: h5py.File, path: Path, cells: str | list[int], img_shape: Sequence[int],
-               val_frac: float) -> tuple[_Split, _Split, tuple[int, int, int, int], list[int]]:
-    """Every check of a recording against run settings that needs only shapes: splits, sizes, cells."""
+               val_frac: float) -> tuple[_Split, _Split, tuple[int, int, int, int], tuple[list[int], str]]:
+    """Every check of a recording against run settings that needs only shapes: splits, sizes, cells (the rows
+    and where their list came from)."""
     history, height, width = _img_shape(img_shape)
     _check_params(history, val_frac)
     train, test = _inspect(f, path)
@@ -427,7 +443,7 @@ def _check_fit(f: h5py.File, path: Path, cells: str | list[int], img_shape: Sequ
         raise DataError(f"{path}: frames are {_hw(train.frame_shape)} but img_shape is "
                         f"{[history, height, width]}; set img_shape to {[history, *train.frame_shape]}")
     plan = _plan(train, test, history, val_frac, path)
-    return train, test, plan, _cell_ids(cells, train.n_cells, path)
+    return train, test, plan, _cell_ids(cells, train.n_cells, path, f)
 
 
 def preflight(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
@@ -435,7 +451,7 @@ def preflight(path: str | Path, *, cells: str | list[int] = "all", img_shape: Se
     """Check a recording fits a run's settings without reading its arrays; returns the number of cells used."""
     path = Path(path).expanduser()
     with _open_h5(path) as f:
-        return len(_check_fit(f, path, cells, img_shape, val_frac)[3])
+        return len(_check_fit(f, path, cells, img_shape, val_frac)[3][0])
 
 
 def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
@@ -448,7 +464,8 @@ def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Se
     path = Path(path).expanduser()
     history, height, width = _img_shape(img_shape)
     with _open_h5(path) as f:
-        train, test, (n_train, gap, n_val, n_test), cell_ids = _check_fit(f, path, cells, img_shape, val_frac)
+        train, test, (n_train, gap, n_val, n_test), (cell_ids, cells_source) = _check_fit(f, path, cells,
+                                                                                             img_shape, val_frac)
         train_rates = _read_rates(train, path, cell_ids)
         test_rates = _read_rates(test, path, cell_ids)
         train_stim, test_stim = _to_memory(train.stimulus), _to_memory(test.stimulus)
@@ -475,7 +492,7 @@ def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Se
         val=WindowSet(stim_t, rates_t, torch.arange(val_start, val_start + n_val), history, mean, std),
         test=WindowSet(test_stim_t, test_rates_t, torch.arange(n_test), history, mean, std),
         n_cells=len(cell_ids), cell_ids=cell_ids, img_shape=(history, height, width),
-        stim_mean=mean, stim_std=std, path=path, test_repeats=repeats,
+        stim_mean=mean, stim_std=std, path=path, test_repeats=repeats, cells_source=cells_source,
     )
 
 

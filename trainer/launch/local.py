@@ -24,10 +24,10 @@ from trainer import search as search_mod
 from trainer.data.recording import DataBundle, load_data, recording_path, resolve_data_root
 from trainer.data.recording import preflight as recording_preflight
 from trainer.errors import DataError, UserError
-from trainer.models import build_model
+from trainer.models import build_model, prepare_model
 from trainer.search import RunSpec, Search
 from trainer.training import checkpoint
-from trainer.training.trainer import FitResult, Trainer, resolve_device
+from trainer.training.trainer import FitResult, Trainer, as_rates, resolve_device
 
 Echo = Callable[[str], None]
 
@@ -171,8 +171,8 @@ def _build(m: _Member, data: DataBundle, device: torch.device, echo: Echo,
     m.folder.mkdir(parents=True, exist_ok=True)
     seed_everything(spec.seed)
     model = build_model(cfg, data.n_cells)
-    if hasattr(model, "prepare"):  # models that set themselves up from the data (e.g. read-out positions)
-        model.prepare(data)
+    prepare_model(model, cfg, data)  # read-out positions, initial output rates
+    m.log.log_params({"cell_ids": data.cell_ids, "cells_source": data.cells_source})
     if m.resume is not None:
         logged = m.log.logged_steps()
         for row in m.resume["history"]:
@@ -328,7 +328,7 @@ def _evaluate_best(trainer: Trainer, data: DataBundle, folder: Path, history: li
     if not best.exists():
         return
     trainer.model.load_state_dict(checkpoint.load(best)["model"])
-    pred = trainer.as_rates(trainer.predict(data.test)).cpu().numpy().astype(np.float64)
+    pred = as_rates(trainer.cfg, trainer.predict(data.test)).cpu().numpy().astype(np.float64)
     ev = write_report(evaluate_predictions(pred, data), pred, data, trainer.model, history, folder / "eval",
                       plots_too=plots)
     log.set_tag("eval_repeats", ev.repeats_note)

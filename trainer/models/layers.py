@@ -17,6 +17,25 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+# Batch-norm eps of every model-level batch norm: the original's TDRModel classes pass eps=1e-3 to each of them
+# (torchdeepretina/models.py, e.g. BNCNN.__init__), not torch's default 1e-5.
+BN_EPS = 1e-3
+
+
+class Exponential(nn.Module):
+    """The original's output layer when softplus is off (custom_modules.py: Exponential(train_off=True)): the
+    identity while training, so the loss sees log rates (pair it with log_poisson), and exp at evaluation, so the
+    evaluated model outputs rates."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.training else torch.exp(x)
+
+
+def output_activation(softplus: bool) -> nn.Module:
+    """The last layer of BNCNN, LinearStackedBNCNN and VaryModel: softplus, or the original's Exponential."""
+    return nn.Softplus() if softplus else Exponential()
+
+
 class GaussianNoise(nn.Module):
     """Adds N(0, std^2) noise in training mode only, a regulariser that is the identity at evaluation."""
 

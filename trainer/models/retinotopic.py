@@ -1,5 +1,10 @@
 """RetinotopicModel: a fully convolutional CNN whose last map has one channel per cell, read out by a learned
-"one-hot" probability map over positions (OneHotReadout)."""
+"one-hot" probability map over positions (OneHotReadout).
+
+Layer order as the original's (models.py: RetinotopicModel): hidden layers, a conv with one channel per cell and a
+bias (`bias`, not gc_bias), positive-scale batch norm per channel, softplus (always: the original ignores
+`softplus` here), then the one-hot read-out. The learnt one-hot maps are this model's scientific output.
+"""
 
 from collections.abc import Sequence
 
@@ -7,7 +12,8 @@ import torch
 from torch import nn
 
 from trainer.models import register
-from trainer.models.stacked import check_model_args, check_stackable, plan_maps
+from trainer.models.layers import BN_EPS
+from trainer.models.stacked import PositiveBatchNorm2d, check_model_args, check_stackable, plan_maps
 from trainer.models.vary import check_layer_counts, hidden_blocks, layer_names
 
 EPS = 1e-12  # floor of a row's weight sum, so a row the L1 penalty drove to all zeros does not divide by 0
@@ -45,8 +51,9 @@ class OneHotReadout(nn.Module):
 
 @register("RetinotopicModel")
 class RetinotopicModel(nn.Module):
-    """n_layers-1 hidden ConvBlocks, a conv with one channel per cell (`gc_conv`), a OneHotReadout (`onehot`),
-    then batch norm and softplus. Same hidden layers as VaryModel (stackconvs, positive-scale batch norm)."""
+    """n_layers-1 hidden ConvBlocks, a conv with one channel per cell (`gc_conv`, bias from `bias`), positive-scale
+    batch norm per channel (`gc_bn`), softplus, then a OneHotReadout (`onehot`). Same hidden layers as VaryModel
+    (stackconvs, positive-scale batch norm)."""
 
     def __init__(
         self,
@@ -58,8 +65,6 @@ class RetinotopicModel(nn.Module):
         bnorm: bool = True,
         bnorm_d: int = 1,
         bias: bool = True,
-        gc_bias: bool = False,
-        softplus: bool = True,
         noise: float = 0.05,
         bn_moment: float = 0.01,
         activ_fxn: str = "ReLU",
@@ -85,11 +90,11 @@ class RetinotopicModel(nn.Module):
             self.img_shape, hidden_chans, kernels[:n_hidden], sizes[:n_hidden], bias=bias, stackconvs=stackconvs,
             drop_p=drop_p, bnorm=bnorm, bnorm_d=bnorm_d, bn_moment=bn_moment, noise=noise, activ_fxn=activ_fxn)
         in_channels = hidden_chans[-1] if n_hidden else self.img_shape[0]
-        self.gc_conv = nn.Conv2d(in_channels, n_units, kernels[-1], bias=gc_bias)
+        self.gc_conv = nn.Conv2d(in_channels, n_units, kernels[-1], bias=bias)
         self.gc_shape = (n_units, *sizes[-1])
+        self.gc_bn = PositiveBatchNorm2d(n_units, eps=BN_EPS, momentum=bn_moment) if bnorm else nn.Identity()
+        self.out_act = nn.Softplus()
         self.onehot = OneHotReadout(n_units, sizes[-1], rand_init=rand_onehot)
-        self.bn_out = nn.BatchNorm1d(n_units, momentum=bn_moment) if bnorm else nn.Identity()
-        self.out_act = nn.Softplus() if softplus else nn.Identity()
 
     def conv_layers(self) -> dict[str, nn.Module]:
         """The hidden conv layers by name (conv1, conv2, ...; not the per-cell conv), for pruning their channels."""
@@ -104,10 +109,10 @@ class RetinotopicModel(nn.Module):
         return self.onehot.weight
 
     def gc_map(self, x: torch.Tensor) -> torch.Tensor:
-        """The per-cell map (B, n_units, H, W) before the one-hot read-out."""
+        """The per-cell rate map (B, n_units, H, W) that the one-hot read-out reads: conv, batch norm, softplus."""
         for block in self.hidden:
             x = block(x)
-        return self.gc_conv(x)
+        return self.out_act(self.gc_bn(self.gc_conv(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.out_act(self.bn_out(self.onehot(self.gc_map(x))))
+        return self.onehot(self.gc_map(x))

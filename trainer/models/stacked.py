@@ -13,7 +13,8 @@ from torch import nn
 
 from trainer.errors import ConfigError
 from trainer.models import register
-from trainer.models.layers import GaussianNoise, activation, conv_out_size
+from trainer.models.layers import BN_EPS, GaussianNoise, activation, conv_out_size, output_activation
+from trainer.models.readout import ConvGCReadout
 
 # ------------------------------------------------------------------------------------------------------------
 # checks shared by the models of this family
@@ -172,8 +173,8 @@ class PositiveBatchNorm2d(PositiveBatchNorm, nn.BatchNorm2d):
 class PositiveFlatBatchNorm(PositiveBatchNorm1d):
     """Positive-scale batch norm with one affine per unit and location (bnorm_d 1): over the flattened map."""
 
-    def __init__(self, shape: Sequence[int], momentum: float = 0.01):
-        super().__init__(prod(shape), momentum=momentum)
+    def __init__(self, shape: Sequence[int], momentum: float = 0.01, eps: float = BN_EPS):
+        super().__init__(prod(shape), eps=eps, momentum=momentum)
         self.shape = tuple(int(s) for s in shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,7 +185,7 @@ def positive_batch_norm(bnorm_d: int, shape: tuple[int, int, int], momentum: flo
     """The positive-scale batch norm of a conv layer with output `shape`: per unit and location (1) or channel (2)."""
     if bnorm_d == 1:
         return PositiveFlatBatchNorm(shape, momentum=momentum)
-    return PositiveBatchNorm2d(shape[0], momentum=momentum)
+    return PositiveBatchNorm2d(shape[0], eps=BN_EPS, momentum=momentum)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -192,11 +193,12 @@ def positive_batch_norm(bnorm_d: int, shape: tuple[int, int, int], momentum: flo
 
 
 @register("LinearStackedBNCNN")
-class LinearStackedBNCNN(nn.Module):
+class LinearStackedBNCNN(ConvGCReadout, nn.Module):
     """BNCNN whose two large kernels are linear stacks of 3x3 convolutions, with positive-scale batch norms.
 
-    Layout and submodule names as BNCNN: conv1 -> bn1 -> noise1 -> act1 -> conv2 -> ... -> readout -> bn_out ->
-    out_act. Every batch norm (the output one too) has scale |weight|.
+    Layout and submodule names as BNCNN: conv1 -> bn1 -> noise1 -> act1 -> conv2 -> ... -> readout (or, with
+    convgc, gc_conv read at each cell's position) -> bn_out -> out_act. Every batch norm (the output one too) has
+    scale |weight|, as the original's AbsBatchNorm.
     """
 
     def __init__(
@@ -214,39 +216,48 @@ class LinearStackedBNCNN(nn.Module):
         bn_moment: float = 0.01,
         activ_fxn: str = "ReLU",
         drop_p: float = 0.0,
+        convgc: bool = False,
     ):
         super().__init__()
         name = "LinearStackedBNCNN"
         history, height, width = check_model_args(name, img_shape, bnorm_d, n_units)
-        if len(chans) < 2 or len(ksizes) < 2:
+        n_kernels = 3 if convgc else 2
+        if len(chans) < 2 or len(ksizes) < n_kernels:
             raise ConfigError(
-                f"{name} needs two conv layers, got chans {list(chans)} and ksizes {list(ksizes)} "
-                "(in hyperparams): give at least two entries in each"
+                f"{name} needs two conv layers{' and a ganglion-cell conv (convgc)' if convgc else ''}, got chans "
+                f"{list(chans)} and ksizes {list(ksizes)} (in hyperparams): give at least two chans and "
+                f"{n_kernels} ksizes"
             )
         c1, c2 = int(chans[0]), int(chans[1])
-        k1, k2 = int(ksizes[0]), int(ksizes[1])
-        check_stackable(name, [k1, k2])
-        (h1, w1), (h2, w2) = plan_maps(name, img_shape, [("layer 1 (conv1)", k1), ("layer 2 (conv2)", k2)])
+        kernels = [int(k) for k in ksizes[:n_kernels]]
+        check_stackable(name, kernels[:2])
+        names = ["layer 1 (conv1)", "layer 2 (conv2)", "layer 3 (ganglion-cell conv)"][:n_kernels]
+        sizes = plan_maps(name, img_shape, list(zip(names, kernels, strict=True)))
+        (h1, w1), (h2, w2) = sizes[:2]
         self.n_units = n_units
         self.img_shape = (history, height, width)
+        self.convgc = convgc
         self.feature_shapes = [(c1, h1, w1), (c2, h2, w2)]  # feature-map shape after each conv layer
 
         def norm(shape: tuple[int, int, int]) -> nn.Module:
             return positive_batch_norm(bnorm_d, shape, bn_moment) if bnorm else nn.Identity()
 
-        self.conv1 = LinearStackedConv2d(history, c1, k1, bias=bias, drop_p=drop_p)
+        self.conv1 = LinearStackedConv2d(history, c1, kernels[0], bias=bias, drop_p=drop_p)
         self.bn1 = norm(self.feature_shapes[0])
         self.noise1 = GaussianNoise(noise)
         self.act1 = activation(activ_fxn)
 
-        self.conv2 = LinearStackedConv2d(c1, c2, k2, bias=bias, drop_p=drop_p)
+        self.conv2 = LinearStackedConv2d(c1, c2, kernels[1], bias=bias, drop_p=drop_p)
         self.bn2 = norm(self.feature_shapes[1])
         self.noise2 = GaussianNoise(noise)
         self.act2 = activation(activ_fxn)
 
-        self.readout = nn.Linear(c2 * h2 * w2, n_units, bias=gc_bias)
-        self.bn_out = PositiveBatchNorm1d(n_units, momentum=bn_moment) if bnorm else nn.Identity()
-        self.out_act = nn.Softplus() if softplus else nn.Identity()
+        if convgc:
+            self._init_convgc(c2, kernels[2], sizes[2], gc_bias)
+        else:
+            self.readout = nn.Linear(c2 * h2 * w2, n_units, bias=gc_bias)
+        self.bn_out = PositiveBatchNorm1d(n_units, eps=BN_EPS, momentum=bn_moment) if bnorm else nn.Identity()
+        self.out_act = output_activation(softplus)
 
     def conv_layers(self) -> dict[str, nn.Module]:
         """The intermediate conv layers (the stacks) by name, for pruning: see LinearStackedConv2d's docstring."""
@@ -255,5 +266,5 @@ class LinearStackedBNCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.noise1(self.bn1(self.conv1(x))))
         x = self.act2(self.noise2(self.bn2(self.conv2(x))))
-        x = self.bn_out(self.readout(x.flatten(1)))
-        return self.out_act(x)
+        x = self.read_cells(self.gc_conv(x)) if self.convgc else self.readout(x.flatten(1))
+        return self.out_act(self.bn_out(x))

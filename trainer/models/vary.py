@@ -7,23 +7,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.recording import DataBundle, WindowSet
 from trainer.errors import ConfigError
 from trainer.models import register
-from trainer.models.layers import GaussianNoise, activation
+from trainer.models.layers import BN_EPS, GaussianNoise, activation, output_activation
+from trainer.models.readout import ConvGCReadout
 from trainer.models.stacked import (
     LinearStackedConv2d,
+    PositiveBatchNorm1d,
     check_model_args,
     check_stackable,
     plan_maps,
     positive_batch_norm,
 )
-
-STA_MAX_SAMPLES = 20_000  # training windows averaged for the receptive-field estimate of prepare()
-STA_BATCH = 256  # windows gathered at a time (40 x 50 x 50 float32 windows: about 100 MB)
 
 
 class ConvBlock(nn.Module):
@@ -91,39 +88,15 @@ def hidden_blocks(img_shape: tuple[int, int, int], chans: Sequence[int], ksizes:
     return blocks
 
 
-def sta_energy(windows: WindowSet, max_samples: int = STA_MAX_SAMPLES, batch_size: int = STA_BATCH) -> torch.Tensor:
-    """Each cell's receptive-field map (n_cells, H, W): temporal variance of its spike-triggered average.
-
-    The STA is the covariance of the z-scored stimulus window with the cell's rate over up to max_samples
-    training windows, evenly spaced in time (no random draw, so the global RNG and the run's seed are untouched).
-    """
-    n = len(windows)
-    if n == 0:
-        raise ConfigError("no training samples to estimate receptive fields from: use a longer recording")
-    idx = torch.linspace(0, n - 1, min(n, max_samples)).round().long().unique()
-    device = windows.stimulus.device
-    sum_yx = torch.zeros(windows.n_cells, windows.history, *windows.stimulus.shape[1:], dtype=torch.float64,
-                         device=device)
-    sum_x = torch.zeros(sum_yx.shape[1:], dtype=torch.float64, device=device)
-    sum_y = torch.zeros(windows.n_cells, dtype=torch.float64, device=device)
-    for i in range(0, len(idx), batch_size):
-        x, y = windows.get(idx[i:i + batch_size])
-        sum_yx += torch.einsum("bn,bthw->nthw", y, x).double()
-        sum_x += x.sum(0).double()
-        sum_y += y.sum(0).double()
-    count = len(idx)
-    sta = sum_yx / count - (sum_y / count)[:, None, None, None] * (sum_x / count)  # (n_cells, history, H, W)
-    return sta.var(dim=1).float()
-
-
 @register("VaryModel")
-class VaryModel(nn.Module):
-    """n_layers layers: n_layers-1 hidden ConvBlocks, then a ganglion-cell (GC) layer, batch norm and softplus.
+class VaryModel(ConvGCReadout, nn.Module):
+    """n_layers layers: n_layers-1 hidden ConvBlocks, then a ganglion-cell (GC) layer, positive-scale batch norm
+    and softplus (or the original's Exponential when softplus is off).
 
     GC layer: linear over the flattened last map (`readout`), or, with convgc, a conv with one output channel
     per cell (`gc_conv`) whose map is read for each cell at its own position `positions[cell] = (row, col)` in
-    GC-map coordinates. Positions start at the map centre; `prepare(data)` moves each to the peak of the cell's
-    receptive field estimated from the training data.
+    GC-map coordinates (trainer/models/readout.py). Positions start at the map centre; `prepare(data)` moves each
+    to the peak of the cell's receptive field estimated from the training data.
     """
 
     def __init__(
@@ -166,15 +139,12 @@ class VaryModel(nn.Module):
             drop_p=drop_p, bnorm=bnorm, bnorm_d=bnorm_d, bn_moment=bn_moment, noise=noise, activ_fxn=activ_fxn)
         last = self.feature_shapes[-1] if n_hidden else self.img_shape  # (C, H, W) seen by the GC layer
         if convgc:
-            height, width = sizes[-1]
-            self.gc_conv = nn.Conv2d(last[0], n_units, kernels[-1], bias=gc_bias)
-            self.gc_shape = (n_units, height, width)
-            centre = torch.tensor([(height - 1) // 2, (width - 1) // 2])
-            self.register_buffer("positions", centre.repeat(n_units, 1))  # (n_units, 2) long: (row, col)
+            self._init_convgc(last[0], kernels[-1], sizes[-1], gc_bias)
         else:
             self.readout = nn.Linear(last[0] * last[1] * last[2], n_units, bias=gc_bias)
-        self.bn_out = nn.BatchNorm1d(n_units, momentum=bn_moment) if bnorm else nn.Identity()
-        self.out_act = nn.Softplus() if softplus else nn.Identity()
+        # positive-scale, as the original's AbsBatchNorm1d (models.py: VaryModel)
+        self.bn_out = PositiveBatchNorm1d(n_units, eps=BN_EPS, momentum=bn_moment) if bnorm else nn.Identity()
+        self.out_act = output_activation(softplus)
 
     def conv_layers(self) -> dict[str, nn.Module]:
         """The hidden conv layers by name (conv1, conv2, ...; not the GC layer), for pruning their channels."""
@@ -188,47 +158,9 @@ class VaryModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.convgc:
-            rows, cols = self.positions[:, 0], self.positions[:, 1]
-            cells = torch.arange(self.n_units, device=x.device)
-            x = self.gc_map(x)[:, cells, rows, cols]  # (B, n_units): cell i at its own (row, col)
+            x = self.read_cells(self.gc_map(x))  # (B, n_units): cell i at its own (row, col)
         else:
             for block in self.hidden:
                 x = block(x)
             x = self.readout(x.flatten(1))
         return self.out_act(self.bn_out(x))
-
-    def rf_offset(self) -> tuple[int, int]:
-        """Input (row, col) minus GC-map (row, col) of the same place: half the total kernel shrinkage."""
-        _, height, width = self.img_shape
-        return (height - self.gc_shape[1]) // 2, (width - self.gc_shape[2]) // 2
-
-    @torch.no_grad()
-    def estimate_positions(self, data: DataBundle, max_samples: int = STA_MAX_SAMPLES) -> torch.Tensor:
-        """Each cell's receptive-field peak in GC-map coordinates (n_units, 2), from the training data.
-
-        Peak = argmax of the STA's temporal-variance map smoothed over 3x3 pixels; the input (row, col) minus
-        rf_offset() is the GC-map pixel centred there, clamped into the map. A cell whose map is flat keeps its
-        current position.
-        """
-        if not self.convgc:
-            raise ConfigError("VaryModel reads cells at positions only with convgc true (in hyperparams)")
-        if data.n_cells != self.n_units or tuple(data.img_shape) != self.img_shape:
-            raise ConfigError(
-                f"VaryModel was built for {self.n_units} cells and img_shape {list(self.img_shape)} but the data has "
-                f"{data.n_cells} cells and img_shape {list(data.img_shape)}: build the model from the same config"
-            )
-        energy = sta_energy(data.train, max_samples=max_samples)
-        energy = F.avg_pool2d(energy[:, None], 3, stride=1, padding=1, count_include_pad=False)[:, 0]
-        width = energy.shape[-1]
-        peak = energy.flatten(1).argmax(dim=1)
-        row_off, col_off = self.rf_offset()
-        rows = (peak // width - row_off).clamp(0, self.gc_shape[1] - 1)
-        cols = (peak % width - col_off).clamp(0, self.gc_shape[2] - 1)
-        found = torch.stack([rows, cols], dim=1).to(self.positions.device)
-        flat = (energy.flatten(1).amax(dim=1) <= 0).to(self.positions.device)
-        return torch.where(flat[:, None], self.positions, found)
-
-    def prepare(self, data: DataBundle) -> None:
-        """Launcher hook: with convgc, set each cell's read-out position to its receptive-field peak; else nothing."""
-        if self.convgc:
-            self.positions.copy_(self.estimate_positions(data))

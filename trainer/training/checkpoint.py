@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+# 2: retina-trainer 0.2 (the original's batch-norm eps and output layers); checkpoints without the key are 1.
+FORMAT = 2
 BEST = "best.pt"
 LATEST = "latest.pt"  # the name the newest epoch is reported under, so a resume can find it
 

@@ -36,7 +36,15 @@ from torch.nn import functional as F
 
 from trainer.data.recording import WindowSet
 from trainer.errors import ConfigError
-from trainer.training.trainer import FitResult, Trainer, TrainingDiverged, full_precision, score_batch, tf32
+from trainer.training.trainer import (
+    FitResult,
+    Trainer,
+    TrainingDiverged,
+    full_precision,
+    l1_penalty,
+    score_batch,
+    tf32,
+)
 
 # Settings every member of a pack must share (the rest of a pack's identity is the model's shape, checked below).
 SHARED = ("batch_size", "shuffle", "lossfxn", "log_poisson", "precision", "train_loop", "compile", "prune")
@@ -264,19 +272,17 @@ class PackedTrainer:
         """One pass over the shared training batches; each member's Adam steps its own slice. Mean losses."""
         lead = self.lead
         cfg = lead.cfg
-        device = lead.device
-        l1 = torch.tensor([t.cfg["l1"] for t in members], device=device,
-                          dtype=next(members[0].model.parameters()).dtype)
-        use_l1 = bool((l1 > 0).any())
+        use_l1 = any(t.cfg["l1"] > 0 for t in members)
         total: torch.Tensor | float = 0.0  # takes the losses' dtype (float64 for a float64 pack)
         n = 0
         pack.train(True)
-        for x, y in lead.data.train.batches(cfg["batch_size"], shuffle=cfg["shuffle"], generator=self.generator):
+        for x, y in lead.data.train.batches(cfg["batch_size"], shuffle=cfg["shuffle"], generator=self.generator,
+                                            drop_last=True):
             with lead.autocast():
                 out = full_precision(pack(x))  # (K, batch, units)
             losses = self._losses(out, y)
-            if use_l1:
-                losses = losses + l1 * out.abs().mean(dim=(1, 2))
+            if use_l1:  # each member's own l1 (l1_per_sample is shared: it is in the pack key)
+                losses = losses + torch.stack([l1_penalty(t.cfg, out[j]) for j, t in enumerate(members)])
             pack.zero_grad()
             losses.sum().backward()  # members are independent: each gets the gradient of its own loss
             pack.scatter_grads()

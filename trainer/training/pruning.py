@@ -1,17 +1,19 @@
 """Channel pruning: integrated-gradient channel importance, zeroing and masking, and the pruning state machine.
 
-After the normal epochs the Trainer hands over to a `Pruner`, layer by layer: snapshot the training state, zero the
-least important live channel of the current layer, train `prune_interval` epochs with that channel held at zero,
-then keep the pruning (and try the next channel) or, if validation correlation fell by more than the tolerance,
-restore the snapshot and move to the next layer. Everything the Pruner knows is in `state_dict()`, so a checkpoint
-resumes in the middle of the phase.
+After the normal epochs the Trainer hands over to a `Pruner`, layer by layer, as the original (pruning.py:
+prune_channels): snapshot the training state, zero the least important live channel of the current layer (its
+filter, and its bias with zero_bias), train `prune_intvl` epochs with that channel held at zero, then keep the
+pruning (and try the next channel) or, if validation correlation fell by more than the tolerance, restore the
+snapshot and move to the next layer. The original's restore reloaded a state_dict that aliased the live weights,
+so it restored nothing but the channel; ours restores a deep copy (weights and optimizer). Everything the Pruner
+knows is in `state_dict()`, so a checkpoint resumes in the middle of the phase.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,12 +34,14 @@ def channel_conv(layer: nn.Module) -> nn.Module | None:
 
 
 @torch.no_grad()
-def zero_channels(conv: nn.Module, channels: list[int], optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Zero output channels of `conv` (filter and bias) and their Adam moments, so the channels stay silent."""
+def zero_channels(conv: nn.Module, channels: list[int], optimizer: torch.optim.Optimizer | None = None,
+                  bias: bool = True) -> None:
+    """Zero output channels of `conv` (filter, and bias unless `bias` is false) and their Adam moments, so the
+    channels stay silent."""
     if not channels:
         return
     idx = torch.tensor(channels, dtype=torch.long, device=conv.weight.device)
-    params = [p for p in (conv.weight, conv.bias) if p is not None]
+    params = [p for p in (conv.weight, conv.bias if bias else None) if p is not None]
     for p in params:
         p.index_fill_(0, idx, 0.0)
         state = optimizer.state.get(p, {}) if optimizer is not None else {}
@@ -46,45 +50,59 @@ def zero_channels(conv: nn.Module, channels: list[int], optimizer: torch.optim.O
                 state[key].index_fill_(0, idx, 0.0)
 
 
-def channel_importance(model: nn.Module, layer: nn.Module, inputs: Iterable[torch.Tensor],
-                       steps: int) -> torch.Tensor:
-    """Integrated-gradient importance of each output channel of `layer`, (C,) float64; silent channels score 0.
+def integrated_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, alpha_steps: int,
+                         batch_size: int = 500) -> torch.Tensor:
+    """Integrated-gradient attribution of the sum of the model's outputs to each unit of `layer`'s output, for the
+    samples `x`: (B, C, H, W) like the layer's output.
 
-    The layer's output a is scaled by alpha along a straight path from 0 to a (a forward hook, midpoint rule over
-    `steps` alphas); the attribution of channel c for one sample is sum over positions of a_c * mean_alpha
-    d(sum of model outputs)/d(alpha a_c); importance = mean over samples of its absolute value. Eval mode, so
-    neither noise nor batch-norm statistics change, and no random numbers are drawn.
+    As the original (utils.py: integrated_gradient): the stimulus is scaled by alpha along a straight path from a
+    zero stimulus, alpha in linspace(0, 1, alpha_steps); at each alpha the layer's output a(alpha) and the gradient
+    g(alpha) of the sum of all outputs with respect to it; attribution = sum_k g(alpha_k) * (a(alpha_k) -
+    a(alpha_k-1)), k = 1..alpha_steps-1. Summed over units it approaches F(x) - F(0) as alpha_steps grows. Eval
+    mode, so neither noise nor batch-norm statistics change and no random numbers are drawn; `batch_size` samples
+    at a time.
     """
-    hooked: dict[str, Any] = {"alpha": 1.0}
+    if alpha_steps < 2:
+        raise ValueError("alpha_steps must be >= 2: the path needs both ends")
+    if len(x) == 0:
+        raise ValueError("integrated_gradients needs at least one sample")
+    hooked: dict[str, torch.Tensor] = {}
 
-    def scale(module: nn.Module, args: Any, out: torch.Tensor) -> torch.Tensor:
-        hooked["act"] = out.detach()
-        hooked["scaled"] = out * hooked["alpha"]
-        return hooked["scaled"]
+    def keep(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        hooked["act"] = out
 
     was_training = model.training
     model.eval()
-    handle = layer.register_forward_hook(scale)
-    total, n = None, 0
+    handle = layer.register_forward_hook(keep)
+    chunks = []
     try:
         with torch.enable_grad():
-            for x in inputs:
-                grad_sum = 0.0
-                for k in range(steps):
-                    hooked["alpha"] = (k + 0.5) / steps
-                    out = model(x)
-                    (grad,) = torch.autograd.grad(out.sum(), hooked["scaled"])
-                    grad_sum = grad_sum + grad
-                attribution = (hooked["act"] * grad_sum / steps).flatten(2).sum(-1)  # (B, C)
-                batch = attribution.abs().sum(0).double()
-                total = batch if total is None else total + batch
-                n += len(x)
+            for i in range(0, len(x), batch_size):
+                chunk = x[i:i + batch_size]
+                attribution, previous = None, None
+                for alpha in torch.linspace(0, 1, alpha_steps).tolist():
+                    out = model(chunk * alpha)
+                    act = hooked["act"]
+                    (grad,) = torch.autograd.grad(out.sum(), act)
+                    if previous is not None:
+                        step = grad * (act.detach() - previous)
+                        attribution = step if attribution is None else attribution + step
+                    previous = act.detach()
+                chunks.append(attribution)
     finally:
         handle.remove()
         model.train(was_training)
-    if total is None:
-        raise ValueError("channel_importance needs at least one batch of inputs")
-    return (total / n).cpu()
+    return torch.cat(chunks)
+
+
+def channel_importance(model: nn.Module, layer: nn.Module, x: torch.Tensor, alpha_steps: int,
+                       abssum: bool = False, batch_size: int = 500) -> torch.Tensor:
+    """Importance of each output channel of `layer` over the samples `x`, (C,) float64, as the original's
+    prune_channels (pruning.py): of the integrated-gradient attribution, the mean over samples of |the sum over
+    positions| (abssum false) or of the sum over positions of |attribution| (abssum true)."""
+    per_position = integrated_gradients(model, layer, x, alpha_steps, batch_size).flatten(2)  # (B, C, positions)
+    per_sample = per_position.abs().sum(-1) if abssum else per_position.sum(-1).abs()
+    return per_sample.double().mean(0).cpu()
 
 
 def build_pruner(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -105,19 +123,21 @@ def build_pruner(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         if channel_conv(available[name]) is None:
             raise ConfigError(f"prune_layers: layer '{name}' of model_type {model_type} holds no convolution "
                               "whose channels could be zeroed; leave it out of prune_layers")
-    return Pruner(model, optimizer, scheduler, layers, interval=cfg["prune_interval"],
-                  tolerance=cfg["prune_tolerance"], steps=cfg["prune_intg_steps"])
+    return Pruner(model, optimizer, scheduler, layers, interval=cfg["prune_intvl"],
+                  tolerance=cfg["prune_tolerance"], alpha_steps=cfg["alpha_steps"], abssum=cfg["abssum"],
+                  zero_bias=cfg["zero_bias"])
 
 
 class Pruner:
     """The pruning phase of one run: layers in order, zeroed channels, the pending pruning and its undo copy."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, layers: list[str],
-                 interval: int, tolerance: float, steps: int):
+                 interval: int, tolerance: float, alpha_steps: int, abssum: bool = False, zero_bias: bool = True):
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
         self.convs = {name: channel_conv(layer) for name, layer in model.conv_layers().items() if name in layers}
         self.layers = list(layers)
-        self.interval, self.tolerance, self.steps = interval, tolerance, steps
+        self.interval, self.tolerance = interval, tolerance
+        self.alpha_steps, self.abssum, self.zero_bias = alpha_steps, abssum, zero_bias
         self.n_channels = {name: self.convs[name].out_channels for name in self.layers}
         self.active = False  # True once the normal epochs are over
         self.normal_epochs = 0  # how many epochs of normal training preceded pruning
@@ -142,7 +162,7 @@ class Pruner:
     def mask(self) -> None:
         """Put the zeroed channels (weights and Adam moments) back to zero: called after every optimiser step."""
         for name, chans in self.zeroed().items():
-            zero_channels(self.convs[name], chans, self.optimizer)
+            zero_channels(self.convs[name], chans, self.optimizer, bias=self.zero_bias)
 
     # ---- the schedule -----------------------------------------------------------------------------------------------
     def start(self, epoch: int, val_r: float) -> None:
@@ -158,8 +178,9 @@ class Pruner:
             self.layer_index += 1
         return None
 
-    def begin(self, epoch: int, inputs: Iterable[torch.Tensor]) -> bool:
-        """Before `epoch`: zero the least important live channel of the current layer; False if none is left."""
+    def begin(self, epoch: int, sample: Callable[[int], torch.Tensor]) -> bool:
+        """Before `epoch`: zero the least important live channel of the current layer, judged on the samples
+        `sample(epoch)` gives; False if no layer is left."""
         if self.pending is not None:  # resumed in the middle of an interval
             return True
         name = self.current_layer()
@@ -167,7 +188,8 @@ class Pruner:
             return False
         snapshot = copy.deepcopy({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                                   "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None})
-        importance = channel_importance(self.model, self.model.conv_layers()[name], inputs, self.steps)
+        importance = channel_importance(self.model, self.model.conv_layers()[name], sample(epoch), self.alpha_steps,
+                                        self.abssum)
         importance[torch.tensor(self.pruned[name], dtype=torch.long)] = math.inf  # already pruned: not candidates
         channel = int(importance.argmin())
         self.pending = {"layer": name, "channel": channel, "baseline": self.current_r, "epoch": epoch,

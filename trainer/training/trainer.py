@@ -9,7 +9,6 @@ nothing about MLflow: it reports through the small `Reporter` interface.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import time
@@ -29,7 +28,6 @@ from trainer.training.metrics import pearson_per_cell
 from trainer.training.pruning import build_pruner
 
 PRUNING_REPORT = "pruning.json"  # written to the run folder when pruning ends, reported like a checkpoint
-IMPORTANCE_BATCHES = 2  # training batches the channel importance of a pruning is averaged over
 SCORE_BATCH = 256  # most samples scored at once: below a training step's peak memory at the default batch_size
 
 
@@ -65,6 +63,19 @@ class FitResult:
     test_pearson_at_best: float
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
+
+
+def exp_at_eval(cfg: dict[str, Any]) -> bool:
+    """Whether the evaluated model ends in the original's exp (softplus off; not LN, which ends in ELU, nor
+    RetinotopicModel, which always ends in softplus)."""
+    return not cfg["softplus"] and cfg["model_type"] not in ("LN", "RetinotopicModel")
+
+
+def as_rates(cfg: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+    """Evaluated model outputs as firing rates: exp of outputs that are log rates (PoissonNLLLoss with log_poisson),
+    unless the model already ends in the original's exp at evaluation (softplus off)."""
+    log_rates = cfg["lossfxn"] == "PoissonNLLLoss" and cfg["log_poisson"]
+    return out.exp() if log_rates and not exp_at_eval(cfg) else out
 
 
 def has_onehot_readout(model: nn.Module) -> bool:
@@ -103,15 +114,27 @@ def make_loss(cfg: dict[str, Any]) -> nn.Module:
 
 
 def make_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
-    """The learning-rate schedule named by `scheduler`; the plateau schedule watches validation r (max mode)."""
+    """The learning-rate schedule named by `scheduler`, with the original's settings (training.py:
+    get_optim_objs): the plateau schedule watches validation r with a relative threshold, in max mode (the
+    original's min mode on a correlation decayed the rate while r improved: a bug); MultiStepLR steps once per
+    epoch (the original passed a metric as the epoch in one version: a bug)."""
     if cfg["scheduler"] == "ReduceLROnPlateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg["scheduler_scale"], patience=cfg["scheduler_patience"],
-            threshold=cfg["scheduler_thresh"], threshold_mode="abs")
+            threshold=cfg["scheduler_thresh"], threshold_mode="rel")
     if cfg["scheduler"] == "MultiStepLR":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg["scheduler_milestones"],
-                                                    gamma=cfg["scheduler_scale"])
+                                                    gamma=cfg["scheduler_gamma"])
     return None
+
+
+def l1_penalty(cfg: dict[str, Any], out: torch.Tensor) -> torch.Tensor:
+    """l1 x |outputs| of one batch (..., batch, units): summed over batch and units as the original
+    (training.py: `l1 * torch.norm(y, 1)`), or averaged with l1_per_sample; 0 when l1 is 0."""
+    if cfg["l1"] <= 0:
+        return out.new_zeros(out.shape[:-2])
+    size = out.abs()
+    return cfg["l1"] * (size.mean(dim=(-2, -1)) if cfg["l1_per_sample"] else size.sum(dim=(-2, -1)))
 
 
 @contextlib.contextmanager
@@ -163,18 +186,20 @@ class Trainer:
         return self._train_epoch(epoch)
 
     def retinotopic_loop(self, epoch: int) -> dict[str, float]:
-        """Plain loop plus semantic_scale x semantic loss (one-hot maps) and semantic_l1 x mean |one-hot weight|."""
+        """Plain loop plus semantic_scale x semantic loss (one-hot maps) and semantic_l1 x the mean over cells of
+        the L1 norm of each cell's one-hot weights (training.py: retinotopic_loop)."""
         return self._train_epoch(epoch, self._onehot_penalties)
 
     def _onehot_penalties(self) -> dict[str, tuple[float, torch.Tensor]]:
         """The retinotopic loop's extra terms by metric name, each with its weight in the loss."""
         return {"semantic_loss": (self.cfg["semantic_scale"], semantic_loss(self.model.onehot_probs())),
-                "onehot_l1": (self.cfg["semantic_l1"], self.model.onehot_weights().abs().mean())}
+                "onehot_l1": (self.cfg["semantic_l1"], self.model.onehot_weights().abs().sum(dim=1).mean())}
 
     def _train_epoch(self, epoch: int,
                      penalties: Callable[[], dict[str, tuple[float, torch.Tensor]]] | None = None,
                      ) -> dict[str, float]:
-        """One pass over the training batches, Adam step per batch; pruned channels are re-zeroed after each step.
+        """One pass over the full training batches (a last partial batch is dropped, as the original did), Adam step
+        per batch; pruned channels are re-zeroed after each step.
 
         `penalties` gives extra loss terms (weight, value) by name; each is added when its weight is > 0 and its
         epoch mean over the steps is returned as a metric either way.
@@ -185,7 +210,7 @@ class Trainer:
         extra: dict[str, torch.Tensor] = {}
         steps = 0
         for x, y in self.data.train.batches(self.cfg["batch_size"], shuffle=self.cfg["shuffle"],
-                                            generator=self.shuffle_gen):
+                                            generator=self.shuffle_gen, drop_last=True):
             with self.autocast():
                 out = full_precision(self.forward(x))
             loss = self.batch_loss(out, y)
@@ -208,10 +233,10 @@ class Trainer:
         return {"train_loss": value, **{name: v.item() / steps for name, v in extra.items()}}
 
     def batch_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Data loss plus l1 x mean |output|: a mean, so the penalty does not grow with batch_size."""
+        """The training objective of one batch: mean data loss plus the l1 penalty (see l1_penalty)."""
         loss = self.loss_fn(out, y)
         if self.cfg["l1"] > 0:
-            loss = loss + self.cfg["l1"] * out.abs().mean()
+            loss = loss + l1_penalty(self.cfg, out)
         return loss
 
     # ---- scoring --------------------------------------------------------------------------------------------------
@@ -232,14 +257,20 @@ class Trainer:
         return self.score_outputs(self.predict(windows), windows)
 
     def score_outputs(self, out: torch.Tensor, windows: WindowSet) -> tuple[float, torch.Tensor]:
-        """Data loss and per-cell Pearson r of the outputs `out` for every sample of `windows`."""
-        targets = windows.targets.to(out.device)
-        loss = self.loss_fn(out, targets).item()
-        return loss, pearson_per_cell(self.as_rates(out), targets)
+        """Loss and per-cell Pearson r of the evaluated model's outputs `out` for every sample of `windows`.
 
-    def as_rates(self, out: torch.Tensor) -> torch.Tensor:
-        """Model outputs as firing rates: exp of the output when the Poisson loss treats outputs as log rates."""
-        return out.exp() if self.cfg["lossfxn"] == "PoissonNLLLoss" and self.cfg["log_poisson"] else out
+        The loss is the data loss plus l1 x the per-sample penalty (for the original's summed form, its sum over
+        cells: training.py validate_static adds `l1 * norm(outs, 1) / n`)."""
+        targets = windows.targets.to(out.device)
+        loss = self.loss_fn(self.as_trained(out), targets).item()
+        if self.cfg["l1"] > 0:
+            loss += (l1_penalty(self.cfg, out[:, None]).mean()).item()
+        return loss, pearson_per_cell(as_rates(self.cfg, out), targets)
+
+    def as_trained(self, out: torch.Tensor) -> torch.Tensor:
+        """Evaluated outputs in the form the loss was trained on: with softplus off the evaluated model applies the
+        original's exp to what trained as log rates (log_poisson), so the loss takes their log again."""
+        return out.log() if self.cfg["log_poisson"] and exp_at_eval(self.cfg) else out
 
     # ---- the run ---------------------------------------------------------------------------------------------------
     def fit(self, resume: dict[str, Any] | None = None) -> FitResult:
@@ -280,7 +311,7 @@ class Trainer:
         self._pruning = pruner is not None and pruner.active
         if self.done:
             return None
-        if self._pruning and not pruner.begin(self.epoch + 1, self._importance_inputs()):
+        if self._pruning and not pruner.begin(self.epoch + 1, self._importance_inputs):
             self.done = True
         elif not self._pruning and self.epoch >= self.cfg["n_epochs"]:
             self.done = True
@@ -352,10 +383,14 @@ class Trainer:
         metrics["samples_per_s"] = len(self.data.train) / train_seconds
         return metrics
 
-    def _importance_inputs(self) -> Iterator[torch.Tensor]:
-        """The first training batches in stored order, read lazily: no random numbers are drawn for them."""
-        batches = self.data.train.batches(self.cfg["batch_size"])
-        return (x for x, _ in itertools.islice(batches, IMPORTANCE_BATCHES))
+    def _importance_inputs(self, epoch: int) -> torch.Tensor:
+        """intg_bsize training samples drawn at random for the channel importance of the pruning that begins with
+        `epoch` (the original drew them as the first batch of a shuffled epoch). Their own generator, seeded by the
+        run's seed and the epoch: the batch order and noise are untouched, and a resumed run draws the same."""
+        n = len(self.data.train)
+        gen = torch.Generator().manual_seed((self.cfg["seed"] * 1_000_003 + epoch) % 2**63)
+        idx = torch.randperm(n, generator=gen)[:min(self.cfg["intg_bsize"], n)]
+        return self.data.train.get(idx)[0]
 
     def _write_pruning_report(self) -> None:
         """Write pruning.json (layers, pruned channels, every judged pruning) to the run folder and report it."""
@@ -367,7 +402,7 @@ class Trainer:
     def _checkpoint(self, epoch: int, metrics: dict[str, float], improved: bool) -> None:
         """Write this epoch's checkpoint (and best.pt when it improved); keep older epochs only if asked."""
         state = {
-            "epoch": epoch, "metrics": metrics, "history": self.history,
+            "format": checkpoint.FORMAT, "epoch": epoch, "metrics": metrics, "history": self.history,
             "best_epoch": self.best_epoch, "best_val_pearson": self.best_r, "best_test": self.best_test,
             # cloned: a packed model's tensors are views of the pack's stacked ones, which torch.save would write
             "model": {k: v.detach().clone() for k, v in self.model.state_dict().items()},
