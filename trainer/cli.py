@@ -293,6 +293,51 @@ def predict(model: str, recording: str, out: str, force: bool) -> None:
     click.echo(f"wrote {path}")
 
 
+@main.command("import")
+@click.argument("path", type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder to write best.pt to (default: imported/<the checkpoint's folder name>).")
+@click.option("--force", is_flag=True, help="Replace <out>/best.pt if it exists.")
+@click.option("--register", "register_as", metavar="NAME", default=None,
+              help="Also log it as an MLflow run and register it as a new version of model NAME (the alias "
+                   "champion moves as with `register`, on best_val_pearson: the original's val_acc).")
+@click.option("--experiment", default="imported", show_default=True,
+              help="MLflow experiment of the run --register logs.")
+def import_model(path: str, out: str | None, force: bool, register_as: str | None, experiment: str) -> None:
+    """Convert a model trained with the original torchdeepretina into a retina-trainer checkpoint.
+
+    PATH is one of its test_epoch_<N>.pt files or a run folder (then its newest checkpoint that still holds
+    model_state_dict). BNCNN and LinearStackedBNCNN (without convgc) are imported: the architecture comes from
+    the checkpoint's hyps (or the folder's hyperparams.json), the weights are checked against it shape by shape,
+    and the stimulus normalisation is its norm_stats. Use the result with `evaluate`, `predict` or
+    `trainer.inference.load_model`. Nothing of the file's code is run: only tensors, numbers and containers are
+    unpickled (torch's weights-only rules).
+    """
+    from trainer.importer import import_checkpoint, run_metrics
+
+    done = import_checkpoint(path, out=out, force=force)
+    for note in done.notes:
+        click.echo(f"note: {note}", err=True)
+    st = done.state
+    val = f", val r {st['best_val_pearson']:.3f}" if st["best_val_pearson"] == st["best_val_pearson"] else ""
+    click.echo(f"imported {st['model_type']} (epoch {st['epoch']}, {st['n_cells']} cells{val}) from {done.source} "
+               f"-> {done.path}")
+    if register_as is None:
+        return
+    from trainer.tracking import log_imported
+
+    r = log_imported(done.path, st["config"], st["imported_from"], run_metrics(st), experiment=experiment,
+                     register_as=register_as, run_name=f"import-{done.path.parent.name}")
+    click.echo(f"logged run {r['run_id']} in experiment '{r['experiment']}' of {r['tracking_uri']}")
+    reg = r["registered"]
+    click.echo(f"registered {reg['name']} version {reg['version']} from run {reg['run_id']}")
+    if reg["champion_moved"]:
+        was = f" (was version {reg['previous_champion']})" if reg["previous_champion"] else ""
+        click.echo(f"alias champion -> version {reg['version']}{was}")
+    else:
+        click.echo(f"alias champion stays on version {reg['previous_champion']}")
+
+
 @main.command()
 @click.option("--markdown", is_flag=True, help="Print a Markdown table (the README's reference is made with it).")
 def params(markdown: bool) -> None:

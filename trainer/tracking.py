@@ -28,6 +28,7 @@ from trainer.errors import UserError  # noqa: E402
 # Tags that identify what a run is; filters in the MLflow UI use them (e.g. tags.config_id = '...').
 ROLE, SEARCH_ID, CONFIG_ID, INDEX = "role", "search_id", "config_id", "run_index"
 PARENT_TAG, NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
+IMPORTED_FROM = "imported_from"  # tag of a run made by `retina-trainer import`: the original's file
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
@@ -237,23 +238,35 @@ def register_best(target: str, metric: str = "best_val_pearson", name: str | Non
                         f"{', '.join(known)}")
     sign = -1.0 if _lower_is_better(metric) else 1.0
     best = max(scored, key=lambda r: sign * r.data.metrics[metric])
-    value = best.data.metrics[metric]
-    params = best.data.params
     model_name = name or client.get_experiment(best.info.experiment_id).name
+    return {**register_run(client, best, metric, model_name), "searched": what, "n_candidates": len(scored)}
+
+
+def register_run(client: MlflowClient, run: Any, metric: str, model_name: str) -> dict[str, Any]:
+    """Register a FINISHED run's checkpoints/ folder as a new version of `model_name` (created if needed), tagged
+    with what it is; move the `champion` alias to it when there is no champion, the champion has no value of
+    `metric`, or the run's value beats it (a run without the metric takes the alias only when there is none)."""
+    sign = -1.0 if _lower_is_better(metric) else 1.0
+    value = run.data.metrics.get(metric)
+    params = run.data.params
     try:
         client.get_registered_model(model_name)
     except MlflowException:
         client.create_registered_model(model_name, description="retina-trainer models (state_dict checkpoints with "
                                                                "their resolved config and stimulus normalisation)")
-    tags = {"run_id": best.info.run_id, "config_id": best.data.tags.get(CONFIG_ID, ""),
+    tags = {"run_id": run.info.run_id, "config_id": run.data.tags.get(CONFIG_ID, ""),
             "model_type": params.get("model_type", ""), "dataset": params.get("dataset", ""),
             "stim_type": params.get("stim_type", ""), "cells": params.get("cells", ""),
-            "selection_metric": metric, f"metric.{metric}": repr(value)}
+            "selection_metric": metric}
+    if value is not None:
+        tags[f"metric.{metric}"] = repr(value)
     for k in ("best_val_pearson", "test_pearson_at_best", "best_epoch"):
-        if k in best.data.metrics:
-            tags[f"metric.{k}"] = repr(best.data.metrics[k])
-    version = client.create_model_version(model_name, source=f"{best.info.artifact_uri}/checkpoints",
-                                          run_id=best.info.run_id, tags=tags)
+        if k in run.data.metrics:
+            tags[f"metric.{k}"] = repr(run.data.metrics[k])
+    if IMPORTED_FROM in run.data.tags:
+        tags[IMPORTED_FROM] = run.data.tags[IMPORTED_FROM]
+    version = client.create_model_version(model_name, source=f"{run.info.artifact_uri}/checkpoints",
+                                          run_id=run.info.run_id, tags=tags)
     previous = None
     try:
         champ = client.get_model_version_by_alias(model_name, CHAMPION)
@@ -261,12 +274,46 @@ def register_best(target: str, metric: str = "best_val_pearson", name: str | Non
         prev_version = champ.version
     except MlflowException:
         prev_version = None
-    moved = prev_version is None or previous is None or sign * value > sign * previous
+    if value is None:
+        moved = prev_version is None
+    else:
+        moved = prev_version is None or previous is None or sign * value > sign * previous
     if moved:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
-    return {"name": model_name, "version": version.version, "run_id": best.info.run_id, "metric": metric,
-            "value": value, "champion_moved": moved, "previous_champion": prev_version, "previous_value": previous,
-            "searched": what, "n_candidates": len(scored)}
+    return {"name": model_name, "version": version.version, "run_id": run.info.run_id, "metric": metric,
+            "value": value, "champion_moved": moved, "previous_champion": prev_version, "previous_value": previous}
+
+
+def log_imported(checkpoint_path: Path, cfg: dict[str, Any], imported_from: dict[str, Any],
+                 metrics: dict[str, float], experiment: str = "imported", register_as: str | None = None,
+                 run_name: str | None = None) -> dict[str, Any]:
+    """Log an imported checkpoint (`retina-trainer import`) as a FINISHED run of `experiment`: the config as
+    params and hyperparams.json, the original's scores as metrics at its epoch, the tag `imported_from` (the
+    source file), the file as checkpoints/best.pt; then, with `register_as`, register it as `register` does."""
+    tracker = Tracker(experiment)
+    client = tracker.client
+    source = str(imported_from.get("source", ""))
+    tags = {ROLE: "import", IMPORTED_FROM: source, "imported_epoch": str(imported_from.get("epoch", ""))}
+    try:
+        run = client.create_run(tracker.experiment_id, run_name=run_name, tags=tags)
+        run_id = run.info.run_id
+        log = RunLog(client, run_id)
+        try:
+            log.log_params(cfg)
+            client.log_dict(run_id, cfg, "hyperparams.json")
+            log.log_metrics(metrics, step=int(imported_from.get("epoch", 0) or 0))
+            log.checkpoint(Path(checkpoint_path), "best.pt")
+        except BaseException:
+            log.end(RunStatus.to_string(RunStatus.FAILED))
+            raise
+        log.end(FINISHED)
+        out: dict[str, Any] = {"run_id": run_id, "experiment": experiment, "tracking_uri": tracker.uri}
+        if register_as:
+            out["registered"] = register_run(client, client.get_run(run_id), "best_val_pearson", register_as)
+        return out
+    except MlflowException as exc:
+        raise UserError(f"cannot log the import to {tracker.uri}: {exc.message.splitlines()[0]}; check "
+                        "MLFLOW_TRACKING_URI") from None
 
 
 def download_best_checkpoint(ref: str, dest: Path) -> Path:
