@@ -87,7 +87,7 @@ def test_search_logs_parent_children_metrics_checkpoints_and_rerun_skips(tmp_pat
 
 def test_failed_run_is_marked_failed_and_the_search_goes_on(tmp_path, data_root, mlflow_server):
     hp, hr = write_search(tmp_path, "e2e_fail", {"n_repeats": 1, "n_epochs": 1, "lossfxn": "MSELoss",
-                                                  "bnorm": False, "softplus": False},
+                                                  "bnorm": False},
                           {"lr": [1e12, 0.01]})
     res = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress"], tmp_path, mlflow_server)
     assert res.returncode == 1
@@ -132,7 +132,7 @@ def test_user_errors_are_one_line_non_zero_and_leave_nothing(tmp_path, data_root
 def test_packed_search_trains_members_alone_in_mlflow_and_a_diverging_one_fails_alone(tmp_path, data_root,
                                                                                           mlflow_server):
     hp, hr = write_search(tmp_path, "e2e_pack", {"n_epochs": 2, "n_repeats": 2, "lossfxn": "MSELoss",
-                                                 "bnorm": False, "softplus": False},
+                                                 "bnorm": False},
                           {"lr": [1e12, 0.01, 0.003]})
     res = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--pack", "4"], tmp_path,
               mlflow_server)

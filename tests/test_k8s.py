@@ -23,7 +23,7 @@ from trainer.search import expand
 kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
 
 K8S_VERSIONS = ["1.33.0", kubernetes_validate.latest_version()]
-IMAGE = "registry.example.com/retina-trainer:0.1.0"
+IMAGE = "registry.example.com/retina-trainer:0.2.0"
 IN_CLUSTER_URI = "http://mlflow.retina.svc.cluster.local:5000"
 LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 

@@ -55,7 +55,7 @@ def k8s() -> None:
 
     \b
       retina-trainer k8s render hyperparams.json hyperranges.json \\
-          --image registry.example.com/retina-trainer:0.1.0 \\
+          --image registry.example.com/retina-trainer:0.2.0 \\
           --tracking-uri http://mlflow.retina.svc.cluster.local:5000 --gpus 1 | kubectl apply -f -
 
     See docs/run-on-kubernetes.md for the whole walk-through.
