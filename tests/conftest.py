@@ -63,35 +63,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` (SQLite backend, proxied artifacts) on localhost for the whole test session."""
-    folder = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
+def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` (SQLite backend in `folder`, proxied artifacts) on localhost; (process, uri)."""
+    port = port or _free_port()
     mlflow_bin = Path(sys.executable).with_name("mlflow")
     cmd = [str(mlflow_bin), "server", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
            "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
-    log = open(folder / "server.log", "w")
+    log = open(folder / "server.log", "a")
     env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+    log.close()
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                 if r.status == 200:
-                    break
+                    return proc, uri
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
+            stop_mlflow_server(proc)
             raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
         time.sleep(0.5)
-    yield uri
-    os.killpg(proc.pid, signal.SIGTERM)
+
+
+def stop_mlflow_server(proc: subprocess.Popen) -> None:
+    """Stop a server started by start_mlflow_server, with its worker processes."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
+    except ProcessLookupError:
+        return
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
-    log.close()
+        proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, proxied artifacts) on localhost for the whole test session."""
+    proc, uri = start_mlflow_server(tmp_path_factory.mktemp("mlflow-server"))
+    yield uri
+    stop_mlflow_server(proc)

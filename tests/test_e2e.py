@@ -87,7 +87,7 @@ def test_search_logs_parent_children_metrics_checkpoints_and_rerun_skips(tmp_pat
 
 def test_failed_run_is_marked_failed_and_the_search_goes_on(tmp_path, data_root, mlflow_server):
     hp, hr = write_search(tmp_path, "e2e_fail", {"n_repeats": 1, "n_epochs": 1, "lossfxn": "MSELoss",
-                                                  "bnorm": False},
+                                                  "bnorm": False, "softplus": False},
                           {"lr": [1e12, 0.01]})
     res = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress"], tmp_path, mlflow_server)
     assert res.returncode == 1

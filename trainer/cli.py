@@ -248,7 +248,8 @@ def register(target: str, metric: str, name: str | None) -> None:
                    "$RETINA_DATA_ROOT, ~/experiments/data).")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder to write per_cell.csv and the plots (predictions, filters) to.")
-def evaluate(model: str, recording: str | None, data_root: str | None, out: str | None) -> None:
+@click.option("--force", is_flag=True, help="Replace the files of an earlier evaluation in --out.")
+def evaluate(model: str, recording: str | None, data_root: str | None, out: str | None, force: bool) -> None:
     """Score MODEL on a recording's test split: per cell and averaged, Pearson r against the trial-averaged test
     rate; with test repeats, reliability, FEVE and CC_norm; on synthetic recordings, r against the true rates.
 
@@ -258,9 +259,14 @@ def evaluate(model: str, recording: str | None, data_root: str | None, out: str 
     from pathlib import Path
 
     from trainer.data.recording import load_data, recording_path, resolve_data_root
-    from trainer.evaluation.report import evaluate_predictions, write_report
+    from trainer.evaluation.report import REPORT_FILES, evaluate_predictions, write_report
     from trainer.inference import load_model
 
+    if out and not force:
+        existing = [p.name for p in Path(out).glob("*") if p.name in REPORT_FILES]
+        if existing:
+            raise UserError(f"{out} already holds {', '.join(sorted(existing))} of an earlier evaluation; pass "
+                            "--force to replace them or choose another --out")
     loaded = load_model(model)
     cfg = loaded.config
     path = Path(recording) if recording else recording_path(resolve_data_root(data_root or cfg["data_root"]),

@@ -24,5 +24,11 @@ class DataError(UserError):
     """A recording is missing or malformed."""
 
 
+class TrackingUnavailable(UserError):
+    """The MLflow tracking server could not be reached: training stops, the local checkpoints stay, a rerun resumes."""
+
+    exit_code = 3  # retrying later can help (a Kubernetes podFailurePolicy should not fail the index on it)
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM arrived (a pod being stopped, `docker stop`): unwinds like Ctrl-C so the run ends KILLED."""

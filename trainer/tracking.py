@@ -7,23 +7,33 @@ store is used: `sqlite:///mlflow.db` in the working directory, the same store `m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# Bounded retries against a tracking server (MLflow's own defaults retry a dead server for minutes): about 10 s of
+# backoff, 30 s per request. Settings given in the environment (e.g. a pod's) win.
+for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+    os.environ.setdefault(_key, _value)
 
 import mlflow  # noqa: E402
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from trainer.errors import UserError  # noqa: E402
+from trainer.errors import TrackingUnavailable, UserError  # noqa: E402
 
 # Tags that identify what a run is; filters in the MLflow UI use them (e.g. tags.config_id = '...').
 ROLE, SEARCH_ID, CONFIG_ID, INDEX = "role", "search_id", "config_id", "run_index"
@@ -40,6 +50,84 @@ class PriorRun:
     run_id: str
     status: str
     metrics: dict[str, float]
+    lease: str = ""  # the LEASE tag: who trains it and until when
+    start_time: int = 0
+
+    def held_elsewhere(self) -> str | None:
+        """Who else trains this run right now (a RUNNING run with another process's live lease), or None."""
+        return lease_holder(self.lease) if self.status == "RUNNING" else None
+
+
+# ---- leases: a run is trained by at most one process -----------------------------------------------------------
+# A process that trains a run holds its lease: the tag LEASE = {"owner": host:pid:start, "until": epoch seconds},
+# set when it opens the run and renewed every HEARTBEAT_S by a background thread, cleared when the run ends. Another
+# process leaves a RUNNING run alone while the lease is live; a lease is stale once `until` has passed, or at once
+# when its owner was a process of this host that no longer exists (a kill -9 followed by a rerun resumes at once).
+LEASE_TAG = "lease"
+LEASE_S = 180.0
+HEARTBEAT_S = 30.0
+_OWNER = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
+
+
+def lease_value(until: float | None = None) -> str:
+    return json.dumps({"owner": _OWNER, "until": round(until if until is not None else time.time() + LEASE_S, 1)})
+
+
+def lease_holder(value: str) -> str | None:
+    """The owner of a live lease held by another process (with when it ends), or None."""
+    try:
+        lease = json.loads(value) if value else None
+        owner, until = str(lease["owner"]), float(lease["until"])
+    except (ValueError, TypeError, KeyError):
+        return None
+    if owner == _OWNER or until < time.time():
+        return None
+    host, pid = owner.split(":")[:2]
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return None
+    return f"process {host}:{pid}, lease until {time.strftime('%H:%M:%S', time.localtime(until))}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Heartbeat:
+    """Renews the leases of the runs this process trains, every HEARTBEAT_S, from a daemon thread."""
+
+    def __init__(self, client: Any):
+        self.client = client
+        self.runs: set[str] = set()
+        self.lock = threading.Lock()
+        self.thread: threading.Thread | None = None
+
+    def hold(self, run_id: str) -> None:
+        with self.lock:
+            self.runs.add(run_id)
+            if self.thread is None:
+                self.thread = threading.Thread(target=self._beat, name="retina-trainer-lease", daemon=True)
+                self.thread.start()
+
+    def release(self, run_id: str) -> None:
+        with self.lock:
+            self.runs.discard(run_id)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(HEARTBEAT_S)
+            with self.lock:
+                runs = list(self.runs)
+            for run_id in runs:
+                try:
+                    self.client.set_tag(run_id, LEASE_TAG, lease_value())
+                except Exception:  # a dead server: the training thread meets it and stops the search
+                    pass
 
 
 def _param_value(value: Any) -> str:
@@ -49,14 +137,20 @@ def _param_value(value: Any) -> str:
 class RunLog:
     """Reports one child run's epochs and checkpoints to MLflow (implements the Trainer's Reporter)."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str, heartbeat: Heartbeat | None = None):
         self.client = client
         self.run_id = run_id
+        self.heartbeat = heartbeat
 
     def epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.log_metrics(metrics, step=epoch)
 
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, metrics: dict[str, float], step: int, once: bool = False) -> None:
+        """Log `metrics` at `step`; with `once`, leave out those already logged at that step (a run that finished
+        its training but was interrupted while logging its summary or evaluation logs them again on the rerun)."""
+        if once:
+            metrics = {k: v for k, v in metrics.items()
+                       if step not in {m.step for m in self.client.get_metric_history(self.run_id, k)}}
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         for i in range(0, len(items), MAX_BATCH):
@@ -74,7 +168,7 @@ class RunLog:
 
     def log_files(self, metrics: dict[str, float], files: list[tuple[str, Path]], step: int = 0) -> None:
         """Log scalar results and files (artifact folder, path), e.g. an evaluation's table and plots."""
-        self.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step)  # NaN scores are left out
+        self.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step, once=True)  # NaN left out
         for folder, path in files:
             self.client.log_artifact(self.run_id, str(path), folder)
 
@@ -100,21 +194,112 @@ class RunLog:
         self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
 
     def end(self, status: str) -> None:
-        """End the run FINISHED, FAILED or KILLED."""
+        """End the run FINISHED, FAILED or KILLED (and give up its lease)."""
+        if self.heartbeat is not None:
+            self.heartbeat.release(self.run_id)
+            self.client.set_tag(self.run_id, LEASE_TAG, "")
         self.client.set_terminated(self.run_id, status)
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether an error of an MLflow call means the tracking server could not be reached (connection refused or
+    reset, timeouts, 5xx after MLflow's retries), rather than a request it refused."""
+    import requests
+
+    if isinstance(exc, requests.exceptions.RequestException | ConnectionError | TimeoutError):
+        return True
+    text = str(exc)
+    return isinstance(exc, MlflowException) and ("failed with exception" in text or "Max retries exceeded" in text
+                                                 or bool(re.search(r"failed with error code 5\d\d", text)))
+
+
+class GuardedClient:
+    """An MlflowClient whose calls raise TrackingUnavailable (one line) when the server cannot be reached."""
+
+    def __init__(self, client: MlflowClient, uri: str):
+        self._client, self._uri = client, uri
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            except Exception as exc:
+                if _unreachable(exc):
+                    first = " ".join(str(exc).split())[:160]
+                    raise TrackingUnavailable(f"the MLflow tracking server {self._uri} is unreachable ({first})") \
+                        from None
+                raise
+
+        return call
+
+
+@contextlib.contextmanager
+def _store_setup_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a local SQLite store between processes: MLflow creates its tables on first use, and
+    two searches starting together on a fresh store raced there ("table ... already exists"). An empty lock file in
+    the system temp folder, one per store (as MLflow's own db_init_lock)."""
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    import fcntl
+    import hashlib
+
+    path = str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
+    name = f"retina-trainer-store-{hashlib.md5(path.encode(), usedforsecurity=False).hexdigest()}.lock"
+    with open(Path(tempfile.gettempdir()) / name, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _check_local_store(uri: str) -> None:
+    """A UserError unless the folder of a local SQLite or file store can be written: MLflow would otherwise retry
+    for minutes and end in a long traceback."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).expanduser().parent
+    elif uri.startswith("file:") or "://" not in uri:
+        folder = Path(uri[5:] if uri.startswith("file:") else uri).expanduser()
+        folder = folder if folder.exists() else folder.parent
+    else:
+        return
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".mlflow-write-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"the MLflow store {uri} cannot be written: {folder.resolve()} is not a writable folder "
+                        f"({exc.strerror or exc}); run from a writable working directory or set "
+                        "MLFLOW_TRACKING_URI") from None
 
 
 class Tracker:
     """One experiment in one tracking store: parent runs for searches, child runs for their runs."""
 
     def __init__(self, exp_name: str):
-        self.client = MlflowClient()
         self.uri = mlflow.get_tracking_uri()
+        _check_local_store(self.uri)
+        with _store_setup_lock(self.uri):  # the client sets up a new store's tables
+            self.client = GuardedClient(MlflowClient(), self.uri)
+            self._open_experiment(exp_name)
+        self.heartbeat = Heartbeat(self.client)
+
+    def _open_experiment(self, exp_name: str) -> None:
         try:
             exp = self.client.get_experiment_by_name(exp_name)
             if exp is None:
-                self.experiment_id = self.client.create_experiment(exp_name)
-            elif exp.lifecycle_stage == "deleted":
+                try:
+                    self.experiment_id = self.client.create_experiment(exp_name)
+                    return
+                except MlflowException as exc:  # another process created it a moment ago
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                        raise
+                    exp = self.client.get_experiment_by_name(exp_name)
+            if exp.lifecycle_stage == "deleted":
                 raise UserError(f"MLflow experiment '{exp_name}' is deleted in {self.uri}; restore it "
                                 f"(mlflow experiments restore) or choose another exp_name")
             else:
@@ -122,6 +307,17 @@ class Tracker:
         except MlflowException as exc:
             raise UserError(f"cannot reach the MLflow tracking store {self.uri}: {exc.message.splitlines()[0]}; "
                             f"check MLFLOW_TRACKING_URI") from None
+
+    def check_parent(self, parent_id: str, search_id: str) -> None:
+        """A UserError unless `parent_id` is this search's parent run in this experiment (before anything trains)."""
+        try:
+            run = self.client.get_run(parent_id)
+        except MlflowException:
+            raise UserError(f"parent run '{parent_id}' not found in {self.uri}; pass the parent run id that "
+                            "`retina-trainer k8s render` printed (the Job's RETINA_PARENT_RUN_ID)") from None
+        if run.info.experiment_id != self.experiment_id:
+            raise UserError(f"parent run '{parent_id}' belongs to another experiment than this search's "
+                            f"(exp_name); pass the parent run of search {search_id}")
 
     def _search(self, filter_string: str) -> list[Any]:
         runs, token = [], None
@@ -151,25 +347,50 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             return run_id, True
         run = self.client.create_run(self.experiment_id, run_name=f"{exp_name}-search-{search_id}", tags=tags)
+        # two processes that started the same search at the same moment: the earlier parent is the parent
+        found = self._search(f"tags.{ROLE} = 'search' and tags.{SEARCH_ID} = '{search_id}'")
+        first = min(found, key=lambda r: (r.info.start_time or 0, r.info.run_id))
+        if first.info.run_id != run.info.run_id:
+            self.client.delete_run(run.info.run_id)
+            return first.info.run_id, True
         for name, content in files.items():
             self.client.log_dict(run.info.run_id, content, name)
         return run.info.run_id, True
 
-    def prior_runs(self) -> dict[str, list[PriorRun]]:
-        """Child runs already in the experiment, by config id (newest first)."""
+    def prior_runs(self, config_id: str | None = None) -> dict[str, list[PriorRun]]:
+        """Child runs already in the experiment (of one config id, when given), by config id (newest first)."""
+        flt = f"tags.{ROLE} = 'run'" + (f" and tags.{CONFIG_ID} = '{config_id}'" if config_id else "")
         by_id: dict[str, list[PriorRun]] = {}
-        for r in self._search(f"tags.{ROLE} = 'run'"):
+        for r in self._search(flt):
             by_id.setdefault(r.data.tags.get(CONFIG_ID, ""), []).append(
-                PriorRun(r.info.run_id, r.info.status, dict(r.data.metrics)))
+                PriorRun(r.info.run_id, r.info.status, dict(r.data.metrics), r.data.tags.get(LEASE_TAG, ""),
+                         r.info.start_time or 0))
         return by_id
+
+    def claim(self, log: RunLog, config_id: str) -> str | None:
+        """After opening a run, make sure no other process opened one for the same config id at the same time: of
+        two RUNNING runs with live leases the earlier one is trained, the later one is deleted. Returns the other
+        process's owner when this run yielded, else None."""
+        runs = self.prior_runs(config_id).get(config_id, [])
+        mine = [r for r in runs if r.run_id == log.run_id]
+        others = [r for r in runs if r.run_id != log.run_id and r.held_elsewhere()]
+        if not mine or not others:
+            return None
+        first = min(others, key=lambda r: (r.start_time, r.run_id))
+        if (first.start_time, first.run_id) < (mine[0].start_time, mine[0].run_id):
+            self.heartbeat.release(log.run_id)
+            self.client.delete_run(log.run_id)
+            return first.held_elsewhere()
+        return None
 
     def start_child(self, parent_id: str, search_id: str, index: int, name: str, config_id: str,
                     cfg: dict[str, Any]) -> RunLog:
         """Create a child run with the resolved hyperparameters as params and hyperparams.json as artifact."""
         tags = {PARENT_TAG: parent_id, ROLE: "run", SEARCH_ID: search_id, CONFIG_ID: config_id,
-                INDEX: str(index)}
+                INDEX: str(index), LEASE_TAG: lease_value()}
         run = self.client.create_run(self.experiment_id, run_name=name, tags=tags)
-        log = RunLog(self.client, run.info.run_id)
+        self.heartbeat.hold(run.info.run_id)
+        log = RunLog(self.client, run.info.run_id, self.heartbeat)
         self.client.log_batch(run.info.run_id, params=[Param(k, _param_value(v)) for k, v in cfg.items()])
         self.client.log_dict(run.info.run_id, cfg, "hyperparams.json")
         return log
@@ -179,9 +400,11 @@ class Tracker:
         return RunLog(self.client, run_id)
 
     def reopen_child(self, run_id: str) -> RunLog:
-        """Mark an interrupted child run RUNNING again, to resume it in place."""
+        """Take the lease of an interrupted child run and mark it RUNNING again, to resume it in place."""
+        self.client.set_tag(run_id, LEASE_TAG, lease_value())
         self.client.update_run(run_id, status="RUNNING")
-        return RunLog(self.client, run_id)
+        self.heartbeat.hold(run_id)
+        return RunLog(self.client, run_id, self.heartbeat)
 
     def finish_parent_if_complete(self, parent_id: str, config_ids: list[str]) -> bool:
         """Mark the parent FINISHED when every run of its search has FINISHED (the last pod of a Job does it)."""

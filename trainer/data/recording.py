@@ -241,6 +241,9 @@ def _hw(shape: Sequence[int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
+MAX_RATE_HZ = 1e4  # 100 spikes per 10 ms bin: a firing rate above this is a unit error (or an overflow to come)
+
+
 def _read_rates(split: _Split, path: Path, rows: list[int] | None = None) -> np.ndarray:
     """The (n_cells, T) float64 rates of the chosen rows, checked to be finite and non-negative."""
     rates = np.asarray(split.rates[()], dtype=np.float64)
@@ -256,6 +259,11 @@ def _read_rates(split: _Split, path: Path, rows: list[int] | None = None) -> np.
         i, t = np.argwhere(rates < 0)[0]
         raise DataError(f"{where} has negative firing rates (first {rates[i, t]:g} at row "
                         f"{rows[i] if rows else i}, bin {t}); rates must be >= 0 Hz")
+    if (rates > MAX_RATE_HZ).any():
+        i, t = np.unravel_index(int(np.argmax(rates)), rates.shape)
+        raise DataError(f"{where} has rates up to {rates[i, t]:.3g} (row {rows[i] if rows else i}, bin {t}), "
+                        f"above {MAX_RATE_HZ:g} Hz, which no neuron fires: it must be a rate in Hz (spikes per "
+                        "second); check its units")
     return rates
 
 

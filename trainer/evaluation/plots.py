@@ -8,16 +8,22 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
-import torch
-from matplotlib import patheffects
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from torch import nn
+# matplotlib keeps a font cache in $HOME/.cache unless told otherwise: keep it in the system temp folder (one per
+# user, reused; a user's own MPLCONFIGDIR wins).
+os.environ.setdefault("MPLCONFIGDIR", str(Path(tempfile.gettempdir()) / f"retina-trainer-matplotlib-{os.getuid()}"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib import patheffects  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from torch import nn  # noqa: E402
 
 DPI = 110
 FILTERS_PER_ROW = 8  # filter panels wrap after this many units

@@ -55,6 +55,9 @@ def evaluate_predictions(pred: np.ndarray, data: DataBundle) -> Evaluation:
     return Evaluation(result, scal, metrics.per_cell_table(result, data.cell_ids), repeats_note=note)
 
 
+REPORT_FILES = ("per_cell.csv", "predictions.png", "filters.png", "curves.png")  # what write_report may write
+
+
 def write_report(ev: Evaluation, pred: np.ndarray, data: DataBundle, model: nn.Module, history: list[dict],
                  folder: Path, plots_too: bool = True) -> Evaluation:
     """Write the per-cell table and, unless `plots_too` is false, the plots (curves, best/worst cell predictions,

@@ -11,6 +11,7 @@ import json
 import math
 import random
 import tempfile
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,11 +24,11 @@ import torch
 from trainer import search as search_mod
 from trainer.data.recording import DataBundle, load_data, recording_path, resolve_data_root
 from trainer.data.recording import preflight as recording_preflight
-from trainer.errors import DataError, UserError
+from trainer.errors import ConfigError, DataError, TrackingUnavailable, UserError
 from trainer.models import build_model, prepare_model
 from trainer.search import RunSpec, Search
 from trainer.training import checkpoint
-from trainer.training.trainer import FitResult, Trainer, as_rates, resolve_device
+from trainer.training.trainer import FitResult, Trainer, as_rates, check_trainable, resolve_device
 
 Echo = Callable[[str], None]
 
@@ -37,7 +38,7 @@ class RunOutcome:
     """How one run of the search ended, for the summary table."""
 
     spec: RunSpec
-    status: str  # FINISHED | FAILED | KILLED | SKIPPED
+    status: str  # FINISHED | FAILED | KILLED | SKIPPED | BUSY (another process trains it)
     run_id: str = ""
     best_val_pearson: float = math.nan
     test_pearson: float = math.nan
@@ -70,11 +71,15 @@ def run_dir(spec: RunSpec) -> Path:
     return Path(spec.config["save_root"]).expanduser() / spec.config["exp_name"] / spec.name
 
 
-def preflight(search: Search, data_root: str | None, only: int | None = None) -> dict[int, Path]:
-    """Check every run (or run `only`) before any trains: recording exists and fits, model builds."""
+def preflight(search: Search, data_root: str | None, only: int | None = None,
+              cache: DataCache | None = None) -> dict[int, Path]:
+    """Check every run (or run `only`) before any trains or any MLflow run exists: the recording exists, fits and
+    holds valid values (read in full once, into `cache`, which the first run then uses), the model builds and
+    takes the run's loop and pruning, the device exists, and the run folders can be written."""
     paths: dict[int, Path] = {}
     checked: dict[tuple[Any, ...], int] = {}
-    for spec in search.runs if only is None else [search.runs[only]]:
+    specs = search.runs if only is None else [search.runs[only]]
+    for spec in specs:
         cfg = spec.config
         root = resolve_data_root(data_root or cfg["data_root"])
         path = recording_path(root, cfg["dataset"], cfg["stim_type"])
@@ -87,12 +92,54 @@ def preflight(search: Search, data_root: str | None, only: int | None = None) ->
             if key not in checked:
                 checked[key] = recording_preflight(path, cells=cfg["cells"], img_shape=cfg["img_shape"],
                                                    val_frac=cfg["val_frac"])
-            build_model(cfg, checked[key])
+            check_trainable(build_model(cfg, checked[key]), cfg)
             resolve_device(cfg["device"])
         except UserError as exc:
             raise type(exc)(f"run {spec.index} ({spec.name}): {exc}") from None
         paths[spec.index] = path
+    cache = cache if cache is not None else DataCache()
+    n_train: dict[tuple[Any, ...], int] = {}
+    for spec in reversed(specs):  # the values of every recording; the first run's stays in the cache
+        cfg = spec.config
+        key = (str(paths[spec.index]), json.dumps(cfg["cells"]), tuple(cfg["img_shape"]), cfg["val_frac"])
+        try:
+            if key not in n_train:
+                n_train[key] = len(cache.get(paths[spec.index], cfg, resolve_device(cfg["device"])).train)
+            if cfg["batch_size"] > n_train[key]:
+                raise ConfigError(f"batch_size {cfg['batch_size']} is larger than the {n_train[key]} training samples "
+                                  "of the recording (training uses full batches only); lower batch_size")
+        except UserError as exc:
+            raise type(exc)(f"run {spec.index} ({spec.name}): {exc}") from None
+    for folder in sorted({run_dir(spec).parent for spec in specs}):
+        check_writable(folder)
     return paths
+
+
+def check_writable(folder: Path) -> None:
+    """A UserError unless run folders can be made in `folder` (save_root/exp_name): probed by making it and a file
+    in it, then removing what the probe made, so a failed check leaves nothing behind."""
+    made: list[Path] = []
+    try:
+        missing = [p for p in [folder, *folder.parents] if not p.exists()]
+        for p in reversed(missing):
+            try:
+                p.mkdir()
+                made.append(p)
+            except FileExistsError:  # made by another process a moment ago
+                pass
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-probe-"):
+            pass
+    except OSError as exc:
+        raise UserError(f"save_root: cannot write run folders in {folder} ({exc.strerror or exc}); set save_root "
+                        "to a writable folder") from None
+    finally:
+        for p in reversed(made):
+            try:
+                p.rmdir()
+            except OSError:
+                pass
 
 
 class DataCache:
@@ -114,24 +161,28 @@ class DataCache:
         return self.bundle
 
 
-def _resume_state(spec: RunSpec, folder: Path, log: Any) -> dict[str, Any] | None:
+def _resume_state(spec: RunSpec, folder: Path, log: Any) -> tuple[dict[str, Any] | None, list[str]]:
     """The newest readable checkpoint of an interrupted run (its local folder or its MLflow artifact) that
-    belongs to this run's configuration, or None."""
+    belongs to this run's configuration, or None; and what was found unreadable, one line each."""
     best: dict[str, Any] | None = None
+    unreadable: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        candidates = [checkpoint.latest(folder), log.download_checkpoint(checkpoint.LATEST, Path(tmp))]
-        for path in candidates:
+        candidates = [(checkpoint.latest(folder), "local"),
+                      (log.download_checkpoint(checkpoint.LATEST, Path(tmp)), "MLflow artifact")]
+        for path, where in candidates:
             if path is None:
                 continue
             try:
                 state = checkpoint.load(path)
-            except Exception:  # a checkpoint cut short by a kill: fall back to the other copy
+            except Exception as exc:  # a checkpoint cut short by a kill: fall back to the other copy
+                unreadable.append(f"the {where} checkpoint {path if where == 'local' else 'checkpoints/latest.pt'} "
+                                  f"is unreadable ({type(exc).__name__})")
                 continue
             if search_mod.config_id(state["config"]) != spec.config_id:
                 continue
             if best is None or state["epoch"] > best["epoch"]:
                 best = state
-    return best
+    return best, unreadable
 
 
 @dataclass
@@ -147,19 +198,49 @@ class _Member:
     ended: bool = False
 
 
-def _open_run(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prior: list[Any]) -> _Member:
-    """The run's MLflow child (an interrupted one reopened, with the checkpoint it resumes from) and folder."""
+def _open_run(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, echo: Echo,
+              wait: bool = False) -> _Member | RunOutcome:
+    """The run's MLflow child (an interrupted one reopened, with the checkpoint it resumes from) and folder; or the
+    outcome of a run not to train here. The store is asked now, not when the search began: a run another process
+    FINISHED meanwhile is skipped, and one another process trains (a live lease, see trainer/tracking.py) is
+    skipped, or with `wait` (a Kubernetes pod) waited for."""
+    from trainer.tracking import FINISHED, HEARTBEAT_S
+
+    while True:
+        prior = tracker.prior_runs(spec.config_id).get(spec.config_id, [])
+        done = [p for p in prior if p.status == FINISHED]
+        if done:
+            return _skipped(spec, done[0], echo)
+        holder = next((h for p in prior if (h := p.held_elsewhere())), None)
+        if holder is None:
+            break
+        if not wait:
+            echo(f"run {spec.index} {spec.name}: another process trains it ({holder}); skipped here")
+            return RunOutcome(spec, "BUSY")
+        echo(f"run {spec.index} {spec.name}: another process trains it ({holder}); waiting")
+        time.sleep(HEARTBEAT_S)
     folder = run_dir(spec)
     unfinished = [p for p in prior if p.status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED")]
     log, resume = None, None
     if unfinished:
         log = tracker.reopen_child(unfinished[0].run_id)
-        resume = _resume_state(spec, folder, log)
+        resume, unreadable = _resume_state(spec, folder, log)
+        what = "; ".join(unreadable)
         if resume is None:
+            why = f"{what}: nothing to resume from" if what else "no checkpoint of this configuration to resume from"
+            log.set_tag("error", why)
             log.end("FAILED")
             log = None
+            echo(f"run {spec.index} {spec.name}: {why}; its earlier MLflow run {unfinished[0].run_id} is marked "
+                 "FAILED and the run starts again from epoch 0")
+        elif what:
+            echo(f"run {spec.index} {spec.name}: {what}; resuming from the other copy (epoch {resume['epoch']})")
     if log is None:
         log = tracker.start_child(parent_id, search_id, spec.index, spec.name, spec.config_id, spec.config)
+        holder = tracker.claim(log, spec.config_id)
+        if holder is not None:  # another process opened it at the same moment, first
+            echo(f"run {spec.index} {spec.name}: another process trains it ({holder}); skipped here")
+            return RunOutcome(spec, "BUSY")
     return _Member(spec, log, folder, resume, RunOutcome(spec, "FAILED", run_id=log.run_id))
 
 
@@ -188,8 +269,8 @@ def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: 
     summary = {"best_val_pearson": result.best_val_pearson, "best_epoch": result.best_epoch,
                "test_pearson_at_best": result.test_pearson_at_best, "epochs_run": result.epochs_run,
                "stopped_early": float(result.stopped_early)}
-    m.log.log_metrics(summary, step=result.epochs_run)
-    _evaluate_best(m.trainer, data, m.folder, result.history, m.log, echo, plots)
+    m.log.log_metrics(summary, step=result.epochs_run, once=True)
+    _evaluate_best(m, data, result.history, echo, plots)
     m.log.end("FINISHED")
     m.ended = True
     m.outcome.status = "FINISHED"
@@ -223,24 +304,28 @@ def _kill(m: _Member) -> None:
     m.ended = True
 
 
-def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, prior: list[Any], path: Path,
+def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, path: Path,
             cache: DataCache, echo: Echo, progress: bool = True, plots: bool = True) -> RunOutcome:
     """Train one run (or resume it), logging it as a child of `parent_id`; never raises for a failed run."""
     return execute_pack([spec], search_id=search_id, parent_id=parent_id, tracker=tracker,
-                        prior={spec.config_id: prior}, path=path, cache=cache, echo=echo, progress=progress,
+                        path=path, cache=cache, echo=echo, progress=progress,
                         plots=plots)[0]
 
 
-def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracker: Any, prior: dict[str, list[Any]],
+def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracker: Any,
                  path: Path, cache: DataCache, echo: Echo, progress: bool = True,
-                 plots: bool = True) -> list[RunOutcome]:
+                 plots: bool = True, wait: bool = False) -> list[RunOutcome]:
     """Train a group of runs that share recording and architecture (or resume them), each logged as a child of
     `parent_id`: one run alone with its own Trainer, several packed on one batch stream (trainer/training/packed.py).
     A failing run ends FAILED and the others go on; Ctrl-C or SIGTERM ends the unfinished ones KILLED and
     propagates. Never raises for a failed run. With `plots` false, the final evaluation logs its scores and
-    table but no plots."""
-    members = [_open_run(s, search_id=search_id, parent_id=parent_id, tracker=tracker, prior=prior.get(s.config_id, []))
-               for s in specs]
+    table but no plots. Runs finished or trained by another process meanwhile are left out (see _open_run)."""
+    opened = [_open_run(s, search_id=search_id, parent_id=parent_id, tracker=tracker, echo=echo, wait=wait)
+              for s in specs]
+    members = [m for m in opened if isinstance(m, _Member)]
+    if not members:
+        return [o for o in opened if isinstance(o, RunOutcome)]
+    specs = [m.spec for m in members]
     cfg = specs[0].config
     bar = None
     try:
@@ -294,6 +379,10 @@ def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracke
                         _fail(m, exc, echo)
 
             PackedTrainer([m.trainer for m in live], on_epoch=on_pack_epoch).fit([m.resume for m in live], on_done)
+    except TrackingUnavailable as exc:  # nothing more can be logged: stop, keep the local checkpoints
+        folders = ", ".join(str(m.folder) for m in members)
+        raise TrackingUnavailable(f"{exc}; training stopped, the local checkpoints are in {folders}; run the same "
+                                  "command again once the server is back and the runs resume") from None
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (Terminated): each run's latest epoch checkpoint resumes it
         for m in members:
             if not m.ended:
@@ -307,7 +396,7 @@ def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracke
     finally:
         if bar is not None:
             bar.close()
-    return [m.outcome for m in members]
+    return [o if isinstance(o, RunOutcome) else o.outcome for o in opened]
 
 
 def _skipped(spec: RunSpec, done: Any, echo: Echo) -> RunOutcome:
@@ -318,20 +407,29 @@ def _skipped(spec: RunSpec, done: Any, echo: Echo) -> RunOutcome:
                       test_pearson=m.get("test_pearson_at_best", math.nan), best_epoch=int(m.get("best_epoch", 0)))
 
 
-def _evaluate_best(trainer: Trainer, data: DataBundle, folder: Path, history: list[dict[str, float]], log: Any,
-                   echo: Echo, plots: bool = True) -> None:
+def _evaluate_best(m: _Member, data: DataBundle, history: list[dict[str, float]], echo: Echo,
+                   plots: bool = True) -> None:
     """Score the best checkpoint on the test split (r, reliability, FEVE, CC_norm, truth r) and log the
-    per-cell table and plots with the run."""
+    per-cell table and plots with the run. An unreadable best.pt (cut short by a kill) is said in one line and
+    the latest epoch's weights are scored instead, so the run can still finish."""
     from trainer.evaluation.report import evaluate_predictions, write_report
 
+    trainer, folder, log = m.trainer, m.folder, m.log
     best = folder / checkpoint.BEST
     if not best.exists():
         return
-    trainer.model.load_state_dict(checkpoint.load(best)["model"])
+    try:
+        trainer.model.load_state_dict(checkpoint.load(best)["model"])
+        scored = "best"
+    except Exception as exc:  # a truncated or foreign file: the model holds the latest epoch's weights
+        scored = f"latest epoch ({best} unreadable: {type(exc).__name__})"
+        echo(f"run {m.spec.index} {m.spec.name}: {best} is unreadable ({type(exc).__name__}); evaluating the latest "
+             "epoch's weights instead")
     pred = as_rates(trainer.cfg, trainer.predict(data.test)).cpu().numpy().astype(np.float64)
     ev = write_report(evaluate_predictions(pred, data), pred, data, trainer.model, history, folder / "eval",
                       plots_too=plots)
     log.set_tag("eval_repeats", ev.repeats_note)
+    log.set_tag("eval_checkpoint", scored)
     log.log_files(ev.scalars, ev.files)
 
 
@@ -359,7 +457,8 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
 
     if pack < 1:
         raise UserError(f"--pack must be at least 1, got {pack}: 1 trains runs one at a time")
-    paths = preflight(search, data_root)
+    cache = DataCache()
+    paths = preflight(search, data_root, cache=cache)
     tracker = Tracker(search.exp_name)
     parent_id, owns_parent = tracker.parent_run(search.search_id, search.exp_name, len(search.runs),
                                                 list(search.searched_keys), files or {})
@@ -379,12 +478,11 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
         echo(f"{len(pending)} runs to train in {len(packs)} packs (largest {max(sizes, default=0)}; runs that "
              f"differ in more than optimiser settings, stopping rule and seed, or prune, train_loop "
              f"retinotopic_loop or compile, train alone)")
-    cache = DataCache()
     status = "FINISHED"
     try:
         for group in packs:
             outcome.runs.extend(execute_pack(group, search_id=search.search_id, parent_id=parent_id,
-                                             tracker=tracker, prior=prior, path=paths[group[0].index], cache=cache,
+                                             tracker=tracker, path=paths[group[0].index], cache=cache,
                                              echo=echo, progress=progress, plots=plots))
         outcome.runs.sort(key=lambda r: r.spec.index)
         if plots:
@@ -393,6 +491,9 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
             status = "FAILED"
     except KeyboardInterrupt:
         status = "KILLED"
+        raise
+    except TrackingUnavailable:
+        owns_parent = False  # the server cannot be told; a rerun reopens the parent
         raise
     finally:
         if owns_parent:
@@ -418,8 +519,10 @@ def run_index(search: Search, index: int, parent_id: str, *, data_root: str | No
         raise UserError(f"{'run' if pack == 1 else 'pack'} index {index} is out of range: the search has {what} "
                         f"(0..{len(groups) - 1}); check completions of the Job against `retina-trainer k8s render`")
     group = groups[index]
-    paths = {s.index: preflight(search, data_root, only=s.index)[s.index] for s in group}
+    cache = DataCache()
+    paths = {s.index: preflight(search, data_root, only=s.index, cache=cache)[s.index] for s in group}
     tracker = Tracker(search.exp_name)
+    tracker.check_parent(parent_id, search.search_id)
     prior = tracker.prior_runs()
     outcomes: list[RunOutcome] = []
     todo: list[RunSpec] = []
@@ -431,7 +534,7 @@ def run_index(search: Search, index: int, parent_id: str, *, data_root: str | No
             todo.append(spec)
     if todo:
         outcomes += execute_pack(todo, search_id=search.search_id, parent_id=parent_id, tracker=tracker,
-                                 prior=prior, path=paths[todo[0].index], cache=DataCache(), echo=echo,
+                                 path=paths[todo[0].index], cache=cache, echo=echo, wait=True,
                                  progress=progress, plots=plots)
     outcomes.sort(key=lambda r: r.spec.index)
     if all(o.status in ("FINISHED", "SKIPPED") for o in outcomes) and tracker.finish_parent_if_complete(

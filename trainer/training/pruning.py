@@ -108,6 +108,14 @@ def channel_importance(model: nn.Module, layer: nn.Module, x: torch.Tensor, alph
 def build_pruner(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
                  cfg: dict[str, Any]) -> Pruner:
     """The Pruner of a run with prune true; ConfigError for a model or prune_layers entry that cannot be pruned."""
+    return Pruner(model, optimizer, scheduler, prunable_layers(model, cfg), interval=cfg["prune_intvl"],
+                  tolerance=cfg["prune_tolerance"], alpha_steps=cfg["alpha_steps"], abssum=cfg["abssum"],
+                  zero_bias=cfg["zero_bias"])
+
+
+def prunable_layers(model: nn.Module, cfg: dict[str, Any]) -> list[str]:
+    """The layers a run with prune true prunes (prune_layers, empty = all); ConfigError for a model or a
+    prune_layers entry that cannot be pruned (also checked before any run starts)."""
     model_type = cfg["model_type"]
     available = model.conv_layers() if callable(getattr(model, "conv_layers", None)) else {}
     if not available:
@@ -123,9 +131,7 @@ def build_pruner(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: 
         if channel_conv(available[name]) is None:
             raise ConfigError(f"prune_layers: layer '{name}' of model_type {model_type} holds no convolution "
                               "whose channels could be zeroed; leave it out of prune_layers")
-    return Pruner(model, optimizer, scheduler, layers, interval=cfg["prune_intvl"],
-                  tolerance=cfg["prune_tolerance"], alpha_steps=cfg["alpha_steps"], abssum=cfg["abssum"],
-                  zero_bias=cfg["zero_bias"])
+    return layers
 
 
 class Pruner:

@@ -25,7 +25,7 @@ from trainer.errors import ConfigError, UserError
 from trainer.training import checkpoint
 from trainer.training.losses import semantic_loss
 from trainer.training.metrics import pearson_per_cell
-from trainer.training.pruning import build_pruner
+from trainer.training.pruning import build_pruner, prunable_layers
 
 PRUNING_REPORT = "pruning.json"  # written to the run folder when pruning ends, reported like a checkpoint
 SCORE_BATCH = 256  # most samples scored at once: below a training step's peak memory at the default batch_size
@@ -87,6 +87,17 @@ def full_precision(out: torch.Tensor) -> torch.Tensor:
     """Model outputs for losses and metrics: half-precision outputs of autocast raised to float32, float32 and
     float64 kept as they are (a float64 model, as the cross-machine tests use, keeps its precision)."""
     return out if out.dtype in (torch.float32, torch.float64) else out.float()
+
+
+def check_trainable(model: nn.Module, cfg: dict[str, Any]) -> None:
+    """The checks of a run's settings against its built model, made before any run starts (preflight) and again
+    when its Trainer is built: the loop needs a one-hot read-out, the pruned layers exist."""
+    if cfg["train_loop"] == "retinotopic_loop" and not has_onehot_readout(model):
+        raise ConfigError(f"train_loop retinotopic_loop needs a model with a one-hot read-out "
+                          f"(RetinotopicModel); model_type is {cfg['model_type']}: change model_type or "
+                          "set train_loop to train_loop")
+    if cfg["prune"]:
+        prunable_layers(model, cfg)
 
 
 def score_batch(cfg: dict[str, Any]) -> int:
@@ -173,10 +184,7 @@ class Trainer:
             "train_loop": self.train_loop, "retinotopic_loop": self.retinotopic_loop}
         if cfg["train_loop"] not in self.loops:
             raise UserError(f"unknown train_loop '{cfg['train_loop']}': available: {', '.join(self.loops)}")
-        if cfg["train_loop"] == "retinotopic_loop" and not has_onehot_readout(model):
-            raise ConfigError(f"train_loop retinotopic_loop needs a model with a one-hot read-out "
-                              f"(RetinotopicModel); model_type is {cfg['model_type']}: change model_type or "
-                              "set train_loop to train_loop")
+        check_trainable(model, cfg)
         # Pruning after the normal epochs; None when prune is false. Checked here, not when the phase begins.
         self.pruner = build_pruner(self.model, self.optimizer, self.scheduler, cfg) if cfg["prune"] else None
 
@@ -368,6 +376,7 @@ class Trainer:
 
         `t0` is when the epoch began (perf_counter) and `train_seconds` how long its training pass took.
         """
+        self._check_alive(val_out)
         val_loss, val_r = self.score_outputs(val_out, self.data.val)
         test_loss, test_r = self.score_outputs(test_out, self.data.test)
         metrics.update(val_loss=val_loss, val_pearson=val_r.mean().item(), test_loss=test_loss,
@@ -382,6 +391,17 @@ class Trainer:
         metrics["epoch_seconds"] = time.perf_counter() - t0
         metrics["samples_per_s"] = len(self.data.train) / train_seconds
         return metrics
+
+    def _check_alive(self, val_out: torch.Tensor) -> None:
+        """The divergence rule beyond a non-finite training loss: a run has diverged when its validation
+        predictions are not finite, or are constant for every cell (the units no longer respond to the stimulus:
+        what a far too large lr leaves, with a finite but exploding loss)."""
+        lr = f"lower lr (now {self.cfg['lr']:g}) or check the recording"
+        if not torch.isfinite(val_out).all():
+            raise TrainingDiverged(f"validation predictions became non-finite in epoch {self.epoch}; {lr}")
+        if len(val_out) > 1 and bool((val_out.amax(dim=0) == val_out.amin(dim=0)).all()):
+            raise TrainingDiverged(f"every cell's validation predictions are constant after epoch {self.epoch}: "
+                                   f"the model no longer responds to the stimulus; {lr}")
 
     def _importance_inputs(self, epoch: int) -> torch.Tensor:
         """intg_bsize training samples drawn at random for the channel importance of the pruning that begins with
