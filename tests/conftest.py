@@ -57,6 +57,12 @@ def data_root(tmp_path_factory) -> Path:
     return root
 
 
+def pytest_collection_modifyitems(config, items):
+    """Start the slowest tests first: with two workers (./run-tests.sh runs pytest -n 2) the short ones then fill
+    the gaps and both workers finish together, instead of one idling while the other runs a long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -89,10 +95,10 @@ def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subproce
         time.sleep(0.5)
 
 
-def stop_mlflow_server(proc: subprocess.Popen) -> None:
-    """Stop a server started by start_mlflow_server, with its worker processes."""
+def stop_mlflow_server(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+    """Stop a server started by start_mlflow_server, with its worker processes (SIGKILL: as a crash)."""
     try:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, sig)
         proc.wait(timeout=20)
     except ProcessLookupError:
         return

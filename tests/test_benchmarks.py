@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 RUN = ROOT / "benchmarks" / "run.py"
 SECTIONS = ("1 training throughput", "2 peak memory", "3 expand and render", "4 MLflow logging", "5 packing")
@@ -35,6 +37,7 @@ def _table_rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[1:]]
 
 
+@pytest.mark.slow
 def test_quick_benchmark_prints_every_section_with_finite_positive_figures(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"

@@ -41,6 +41,7 @@ def runs_of(client, exp_name):
     return parents, children
 
 
+@pytest.mark.slow
 def test_search_logs_parent_children_metrics_checkpoints_and_rerun_skips(tmp_path, data_root, mlflow_server):
     hp, hr = write_search(tmp_path, "e2e_grid")
     first = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress"], tmp_path, mlflow_server)
@@ -129,6 +130,7 @@ def test_user_errors_are_one_line_non_zero_and_leave_nothing(tmp_path, data_root
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_packed_search_trains_members_alone_in_mlflow_and_a_diverging_one_fails_alone(tmp_path, data_root,
                                                                                           mlflow_server):
     hp, hr = write_search(tmp_path, "e2e_pack", {"n_epochs": 2, "n_repeats": 2, "lossfxn": "MSELoss",
@@ -171,6 +173,7 @@ def test_packed_search_trains_members_alone_in_mlflow_and_a_diverging_one_fails_
     assert "2 runs to train in 1 packs" in again.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_kills_every_member_of_a_pack_and_a_rerun_resumes_each(tmp_path, data_root, mlflow_server):
     import signal
     import time

@@ -94,6 +94,7 @@ def wait_for_epochs(client: MlflowClient, exp_name: str, index: int, n: int, pro
     raise AssertionError(f"run {index} did not log {n} epochs in time")
 
 
+@pytest.mark.slow
 def test_fan_out_two_at_a_time_then_second_pass_skips(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout", {"n_epochs": 2}, {"lr": [0.01, 0.003, 0.001], "chans": [[4, 4], [2, 4]]})
     search = expand(hp, hr)
@@ -134,6 +135,7 @@ def test_index_out_of_range_is_a_user_error(tmp_path, data_root, mlflow_server):
     assert "run index 7 is out of range: the search has 2 runs (0..1)" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sigkill_then_restart_resumes_every_epoch_once(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout_kill", {"n_epochs": 12, "early_stopping": 0}, {"lr": [0.01]})
     job = render(tmp_path, hp, hr, mlflow_server, data_root)
@@ -155,6 +157,7 @@ def test_sigkill_then_restart_resumes_every_epoch_once(tmp_path, data_root, mlfl
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(1, 13)), key
 
 
+@pytest.mark.slow
 def test_sigterm_ends_killed_with_a_checkpoint_and_resumes(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout_term", {"n_epochs": 12, "early_stopping": 0}, {"lr": [0.01]})
     job = render(tmp_path, hp, hr, mlflow_server, data_root)
@@ -177,6 +180,7 @@ def test_sigterm_ends_killed_with_a_checkpoint_and_resumes(tmp_path, data_root, 
     assert sorted(m.step for m in client.get_metric_history(run_id, "train_loss")) == list(range(1, 13))
 
 
+@pytest.mark.slow
 def test_packed_fan_out_trains_each_pack_in_one_pod(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout_pack", {"n_epochs": 2, "n_repeats": 2}, {"lr": [0.01, 0.003, 0.001]})
     search = expand(hp, hr)

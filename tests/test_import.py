@@ -467,6 +467,7 @@ def run_cli(args, cwd, uri):
                           text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_register_an_imported_model(tmp_path, mlflow_server, monkeypatch):
     from mlflow.tracking import MlflowClient

@@ -27,6 +27,7 @@ def search(folder: Path, exp_name: str, data_root: Path, uri: str, **hp) -> None
     assert res.returncode == 0, res.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_evaluate_register_load_predict(tmp_path, data_root, mlflow_server):
     client = MlflowClient(mlflow_server)
     good, bad = "reg_good", "reg_bad"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -143,6 +144,7 @@ def test_an_exploding_finite_loss_ends_the_run_failed(tmp_path, monkeypatch):
 
 # ---- a dead tracking server ------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_a_dead_tracking_server_stops_the_search_in_bounded_time_and_a_rerun_resumes(tmp_path):
     from mlflow.tracking import MlflowClient
@@ -169,7 +171,7 @@ def test_a_dead_tracking_server_stops_the_search_in_bounded_time_and_a_rerun_res
                 break
             assert search.poll() is None, search.communicate()[1][-3000:]
             time.sleep(0.5)
-        stop_mlflow_server(proc)
+        stop_mlflow_server(proc, signal.SIGKILL)  # the server dies
         killed = time.time()
         _, err = search.communicate(timeout=300)
         waited = time.time() - killed
@@ -191,7 +193,7 @@ def test_a_dead_tracking_server_stops_the_search_in_bounded_time_and_a_rerun_res
         steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "train_loss")]
         assert sorted(steps) == list(range(1, 13))
     finally:
-        stop_mlflow_server(proc)
+        stop_mlflow_server(proc, signal.SIGKILL)
 
 
 @pytest.mark.e2e
@@ -292,6 +294,7 @@ def test_unreadable_checkpoints_are_named_and_the_run_starts_over(tmp_path):
 
 # ---- two processes on one search -------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_two_processes_on_one_search_never_train_one_run_twice(tmp_path, mlflow_server):
     from mlflow.tracking import MlflowClient
@@ -357,6 +360,7 @@ def test_evaluate_does_not_overwrite_an_earlier_report_without_force(tmp_path):
     assert (tmp_path / "rep" / "per_cell.csv").read_text() == "earlier"
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_nothing_is_written_to_the_users_home(tmp_path):
     recording(tmp_path / "data")
@@ -373,6 +377,7 @@ def test_nothing_is_written_to_the_users_home(tmp_path):
     assert list(home.rglob("*")) == []
 
 
+@pytest.mark.slow
 @pytest.mark.e2e
 def test_two_searches_started_together_on_a_fresh_embedded_store(tmp_path):
     """They raced MLflow's table set-up (a traceback) and each made a parent: now one parent, each run once."""

@@ -40,6 +40,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -169,6 +170,7 @@ def summary(res: dict[str, Any]) -> str:
     return " ".join(f"{k} {res[k]:.3f}" for k in SUMMARY_KEYS)
 
 
+@pytest.mark.slow
 def test_cnn_beats_ln_on_subunit_cells_and_both_beat_untrained(tmp_path):
     res = measure(tmp_path, SEED)
     assert list(res["kinds"]) == ["LN", "subunit"] * 3  # both types present, scored separately
