@@ -135,3 +135,11 @@ def test_registries_match_the_schema_choices(data_root, tmp_path):
     bundle = load_data(recording_path(data_root, "synth01", "whitenoise"), img_shape=SMALL["img_shape"])
     trainer = Trainer(models.build_model(cfg, bundle.n_cells), bundle, cfg, tmp_path, torch.device("cpu"))
     assert tuple(trainer.loops) == config.TRAIN_LOOPS
+
+
+@pytest.mark.parametrize("typed, meant", [("learning_rate", "lr"), ("epochs", "n_epochs"), ("batchsize", "batch_size"),
+                                          ("weight_decay", "l2"), ("lr_rate", "lr"), ("Dropout", "drop_p")])
+def test_common_spellings_point_at_the_right_key(tmp_path, typed, meant):
+    with pytest.raises(ConfigError, match=rf"unknown hyperparameter '{typed}'; did you mean '{meant}'\?"):
+        config.load_hyperparams(write(tmp_path, "hp.json", {typed: 1}))
+    assert meant in config.BY_NAME

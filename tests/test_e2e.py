@@ -170,7 +170,7 @@ def test_packed_search_trains_members_alone_in_mlflow_and_a_diverging_one_fails_
     again = cli(["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--pack", "4"], tmp_path,
                 mlflow_server)
     assert again.returncode == 1 and again.stderr.count("already FINISHED") == 4
-    assert "2 runs to train in 1 packs" in again.stderr
+    assert "2 runs to train in 1 pack (" in again.stderr
 
 
 @pytest.mark.slow

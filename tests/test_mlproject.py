@@ -123,3 +123,33 @@ def test_mlflow_run_makes_the_project_run_the_parent_of_the_search(tmp_path, dat
         assert c.info.status == "FINISHED"
         assert c.data.tags["role"] == "run"
         assert [m.step for m in client.get_metric_history(c.info.run_id, "train_loss")] == [1]
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_mlflow_run_from_elsewhere_writes_nothing_into_the_project_and_a_rerun_says_it_is_done(tmp_path, data_root):
+    """`mlflow run <project>` runs the command in the project folder; the search works where it was called: the
+    embedded store and run folders land there. A rerun trains nothing, leaves the search's parent as it was and
+    notes on its own run where the runs are."""
+    from mlflow.tracking import MlflowClient
+
+    before = sorted(p.name for p in ROOT.iterdir())
+    (tmp_path / "hp.json").write_text(json.dumps({"exp_name": "elsewhere", **SMALL, "n_epochs": 1,
+                                                  "save_root": "runs"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    cmd = [str(VENV_BIN / "mlflow"), "run", str(ROOT), "--env-manager", "local", "--experiment-name", "elsewhere",
+           "-P", f"hyperparams={tmp_path / 'hp.json'}", "-P", f"data_root={data_root}"]
+    for _ in range(2):
+        out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "every run is FINISHED already; nothing to train" in out.stderr
+    assert sorted(p.name for p in ROOT.iterdir()) == before  # no mlflow.db, no runs/ in the project
+    assert (tmp_path / "mlflow.db").is_file() and list((tmp_path / "runs" / "elsewhere").glob("*/best.pt"))
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("elsewhere").experiment_id])
+    projects = sorted((r for r in runs if r.data.tags.get("mlflow.source.type") == "PROJECT"),
+                      key=lambda r: r.info.start_time)
+    assert len(projects) == 2 and len([r for r in runs if r.data.tags.get("role") == "run"]) == 1
+    assert "Nothing trained" in projects[1].data.tags["mlflow.note.content"]
+    assert "mlflow.note.content" not in projects[0].data.tags

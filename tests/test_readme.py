@@ -39,3 +39,26 @@ def test_every_test_named_in_the_differences_table_exists():
         assert path.is_file(), file
         if function:
             assert re.search(rf"^def {function}\(", path.read_text(), flags=re.M), f"{file}::{function}"
+
+
+def test_help_lists_the_lazy_commands_with_their_own_first_line_and_imports_no_torch():
+    import subprocess
+    import sys
+
+    from trainer.cli import Main
+
+    main_help = CliRunner().invoke(main, ["--help"]).output
+    for name, (module, attr) in Main.lazy.items():
+        import importlib
+
+        command = getattr(importlib.import_module(module), attr)
+        first = " ".join(command.help.split())
+        assert first.startswith(Main.lazy_help[name].rstrip(".")), (name, first[:80])
+        assert name in main_help
+    code = ("import sys; from trainer.cli import main\n"
+            "for args in (['--help'], ['data', '--help'], ['k8s', '--help'], ['params']):\n"
+            "    try: main(args, standalone_mode=False)\n"
+            "    except SystemExit: pass\n"
+            "print('HEAVY', sorted(m for m in ('torch', 'mlflow', 'h5py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "HEAVY []"

@@ -114,7 +114,7 @@ def test_atomic_write_and_overwrite(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     path = write_synthetic(tmp_path, seed=1, **SMALL)
     assert sorted(p.name for p in path.parent.iterdir()) == ["whitenoise.h5"]  # no temporary left
     first = sha(path)
-    with pytest.raises(DataError, match=r"already exists; pass overwrite=True \(--force"):
+    with pytest.raises(DataError, match=r"already exists; pass --force to replace it"):
         write_synthetic(tmp_path, seed=2, **SMALL)
     assert sha(path) == first
     write_synthetic(tmp_path, seed=2, overwrite=True, **SMALL)

@@ -21,9 +21,27 @@ class Main(click.Group):
     """The top-level group: lazy-loads the heavy `data` commands and turns UserError into one clear line."""
 
     lazy = {"data": ("trainer.data.commands", "data"), "k8s": ("trainer.launch.k8s_commands", "k8s")}
+    # Their one-line help for `retina-trainer --help`, which lists them without importing them (a test checks these
+    # lines against the commands' own).
+    lazy_help = {"data": "Check recordings and create synthetic ones.",
+                 "k8s": "Run a search on Kubernetes: one pod per expanded run."}
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *self.lazy])
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = []
+        for name in self.list_commands(ctx):
+            if name in self.lazy:
+                rows.append((name, self.lazy_help[name]))
+                continue
+            cmd = super().get_command(ctx, name)
+            if cmd is not None and not cmd.hidden:
+                rows.append((name, cmd.get_short_help_str(formatter.width - 6 - max(len(n) for n in
+                                                                                     self.list_commands(ctx)))))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy:
@@ -81,6 +99,31 @@ PLOTS_OPTION = click.option(
          "either way; `retina-trainer evaluate` plots any run later).")
 
 
+def _work_where_mlflow_run_was_called() -> None:
+    """`mlflow run <project>` runs the project's command in the project folder: a search there would put mlflow.db
+    and its run folders into the source tree (and, with the embedded store, log to another store than the one the
+    project's run is in). Under `mlflow run`, work in the folder it was called from instead: relative paths in the
+    search (save_root, data_root, the embedded store) are then the caller's."""
+    import os
+    from pathlib import Path
+
+    import psutil
+
+    if not os.environ.get("MLFLOW_RUN_ID"):
+        return
+    try:
+        caller = next((Path(p.cwd()) for p in psutil.Process().parents()
+                       if len(p.cmdline()) > 2 and Path(p.cmdline()[1]).name == "mlflow" and "run" in p.cmdline()),
+                      None)
+    except (OSError, psutil.Error):
+        return
+    if caller is None or caller.resolve() == Path.cwd().resolve():
+        return
+    click.echo(f"mlflow run: working in {caller}, where it was called, not in the project folder {Path.cwd()}",
+               err=True)
+    os.chdir(caller)
+
+
 def _warn(warnings: Any) -> None:
     for w in warnings:
         click.echo(f"warning: {w}", err=True)
@@ -112,15 +155,15 @@ def expand(hyperparams: str, hyperranges: str | None, as_json: bool, pack: int) 
                 r["pack"] = pack_of[r["index"]]
         click.echo(json.dumps(out, indent=2))
         return
-    from trainer.search import short_value
+    from trainer.search import plural, short_value
 
     keys = list(s.searched_keys)
     header = ["run", "config_id", "seed"] + (["pack"] if pack_of else []) + keys + ["name"]
     rows = [[str(r.index), r.config_id, str(r.seed)] + ([str(pack_of[r.index])] if pack_of else [])
             + [short_value(r.searched[k]) for k in keys] + [r.name] for r in s.runs]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    packs = f" in {len(set(pack_of.values()))} packs of up to {pack}" if pack_of else ""
-    click.echo(f"search {s.search_id}: {len(s.runs)} runs{packs} in experiment '{s.exp_name}'")
+    packs = f" in {plural(len(set(pack_of.values())), 'pack')} of up to {pack}" if pack_of else ""
+    click.echo(f"search {s.search_id}: {plural(len(s.runs), 'run')}{packs} in experiment '{s.exp_name}'")
     for row in [header, *rows]:
         click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
 
@@ -158,6 +201,7 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
     files = {"hyperparams.json": config.read_json(hyperparams, "hyperparams")}
     if hyperranges:
         files["hyperranges.json"] = config.read_json(hyperranges, "hyperranges")
+    _work_where_mlflow_run_was_called()
 
     from trainer.launch.local import run_search, summary_table
 
@@ -223,14 +267,24 @@ def register(target: str, metric: str, name: str | None) -> None:
     """Register the best FINISHED run of TARGET (an exp_name, a search id or a parent run id) as a new model
     version, and move the alias `champion` to it only if it beats the current champion on the same metric.
 
-    The version's source is the run's checkpoints/ folder; its best.pt holds the weights, the resolved config and
-    the stimulus normalisation. Load it with `trainer.inference.load_model("models:/NAME@champion")`.
+    The version is the run's MLflow Model (pytorch flavor: raw stimulus frames (T, H, W) in, rates (T - history,
+    n_cells) out), which `mlflow.pyfunc.load_model`, `mlflow.pytorch.load_model` and `mlflow models serve -m
+    models:/NAME@champion` take; `retina-trainer predict`/`evaluate` and `trainer.inference.load_model` use the
+    run's best.pt. A run registered already is left as it is.
     """
     from trainer.tracking import register_best
 
     r = register_best(target, metric=metric, name=name)
-    click.echo(f"registered {r['name']} version {r['version']} from run {r['run_id']} "
-               f"({r['metric']} = {r['value']:.4f}, best of {r['n_candidates']} runs of {r['searched']})")
+    if r["already"]:
+        click.echo(f"run {r['run_id']} (best of {r['searched']}) is already version {r['version']} of {r['name']}; "
+                   "nothing registered")
+        return
+    value = f"{r['value']:.4f}" if r["value"] is not None else "n/a"
+    click.echo(f"registered {r['name']} version {r['version']} from run {r['run_id']} ({r['metric']} = {value}, the "
+               f"best of {r['searched']})")
+    if not r["servable"]:
+        click.echo("note: this run predates MLflow Models in retina-trainer (0.2): predict and evaluate load it, "
+                   "MLflow cannot serve it; train it again to serve it", err=True)
     if r["champion_moved"]:
         was = f" (was version {r['previous_champion']})" if r["previous_champion"] else ""
         click.echo(f"alias champion -> version {r['version']}{was}")
@@ -242,7 +296,8 @@ def register(target: str, metric: str, name: str | None) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--recording", type=click.Path(dir_okay=False), default=None,
-              help="Recording to score on (default: the one the model was trained on, under the data root).")
+              help="Recording to score on (default: the file the model's run was trained on, as its MLflow dataset "
+                   "input records it; else <data root>/<dataset>/<stim_type>.h5).")
 @click.option("--data-root", type=click.Path(file_okay=False), default=None,
               help="Data root for the default recording (else data_root of the model's config, "
                    "$RETINA_DATA_ROOT, ~/experiments/data).")
@@ -269,8 +324,25 @@ def evaluate(model: str, recording: str | None, data_root: str | None, out: str 
                             "--force to replace them or choose another --out")
     loaded = load_model(model)
     cfg = loaded.config
-    path = Path(recording) if recording else recording_path(resolve_data_root(data_root or cfg["data_root"]),
-                                                            cfg["dataset"], cfg["stim_type"])
+    trained_on = None
+    if loaded.run_id:
+        from trainer.tracking import recorded_recording
+
+        trained_on = recorded_recording(loaded.run_id)
+    if recording:
+        path = Path(recording)
+    elif trained_on is not None and Path(trained_on[0]).is_file() and data_root is None:
+        path = Path(trained_on[0])
+    else:
+        path = recording_path(resolve_data_root(data_root or cfg["data_root"]), cfg["dataset"], cfg["stim_type"])
+    if trained_on is not None and path.is_file():
+        from trainer.data.recording import recording_digest
+
+        digest = recording_digest(path)
+        if digest != trained_on[1]:
+            click.echo(f"warning: {path} is not the file run {loaded.run_id} was trained on (digest {digest}; it "
+                       f"trained on {trained_on[0]}, digest {trained_on[1]}): the scores are of this file",
+                       err=True)
     data = load_data(path, cells=loaded.cell_ids, img_shape=cfg["img_shape"], val_frac=cfg["val_frac"])
     pred = loaded.predict(data.test.stimulus).astype("float64")
     ev = evaluate_predictions(pred, data)

@@ -274,6 +274,17 @@ LEGACY_NOOP: dict[str, tuple[Any, str]] = {
     "reset_lr": ((False,), "learning-rate resets while pruning"),
     "reset_sd": ((False,), "weight resets while pruning"), "altn_layers": ((False,), "alternating pruned layers"),
 }
+# What users type for a setting under other trainers' names: the hint of the unknown-key error.
+SPELLINGS = {
+    "learning_rate": "lr", "lr_rate": "lr", "learningrate": "lr", "epochs": "n_epochs", "num_epochs": "n_epochs",
+    "nepochs": "n_epochs", "max_epochs": "n_epochs", "batchsize": "batch_size", "bs": "batch_size",
+    "weight_decay": "l2", "wd": "l2", "l2_reg": "l2", "dropout": "drop_p", "kernel_sizes": "ksizes",
+    "kernel_size": "ksizes", "channels": "chans", "patience": "early_stopping", "model": "model_type",
+    "loss": "lossfxn", "loss_fn": "lossfxn", "momentum": "bn_moment", "data_path": "data_root",
+    "data_dir": "data_root", "datadir": "data_root", "repeats": "n_repeats", "experiment": "exp_name",
+    "experiment_name": "exp_name", "input_shape": "img_shape", "random_seed": "seed", "rand_seed": "seed",
+    "activation": "activ_fxn",
+}
 # Model classes of the original that retina-trainer does not provide, with what to use instead.
 ORIGINAL_ONLY_MODELS = {
     "BNCNN2D": "model_type BNCNN with bnorm_d 2 is the same network",
@@ -428,7 +439,8 @@ def _resolve_key(key: str, where: str) -> tuple[str | None, Callable[[Any], Any]
         return ALIASES[key]
     if key in LEGACY_NOOP:
         return None, None
-    close = difflib.get_close_matches(key, _candidates(), n=1, cutoff=0.5)
+    close = [SPELLINGS[key.lower()]] if key.lower() in SPELLINGS else \
+        difflib.get_close_matches(key, _candidates(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else "; see `retina-trainer params` for the known keys"
     raise ConfigError(f"{where}: unknown hyperparameter '{key}'{hint}")
 

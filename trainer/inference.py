@@ -36,10 +36,17 @@ class LoadedModel:
     cell_ids: list[int]
     epoch: int
     source: str
+    run_id: str = ""  # the MLflow run it came from, when loaded from MLflow
 
     @property
     def history(self) -> int:
         return int(self.config["img_shape"][0])
+
+    def served(self) -> RatePredictor:
+        """This model as the module MLflow serves (a copy on the CPU)."""
+        import copy
+
+        return RatePredictor(copy.deepcopy(self.model).cpu(), self.config, self.mean, self.std)
 
     @torch.no_grad()
     def predict(self, stimulus: np.ndarray | torch.Tensor, batch_size: int = 1024,
@@ -52,15 +59,37 @@ class LoadedModel:
                             f"frames")
         if stim.shape[0] <= h:
             raise UserError(f"stimulus has {stim.shape[0]} frames; the model needs more than its history of {h}")
-        self.model.to(device).eval()
-        stim = stim.to(device)
-        offsets = torch.arange(h, device=device)
+        module = RatePredictor(self.model.to(device), self.config, self.mean, self.std, batch_size)
+        return module(stim.to(device)).cpu().numpy()
+
+
+class RatePredictor(nn.Module):
+    """A trained model as MLflow serves it (`mlflow models serve`, `mlflow.pyfunc.load_model`): raw stimulus frames
+    (T, H, W), in the units the recording stores them, in; predicted rates (T - history, n_cells) in Hz out, row i
+    the rate at frame i + history, as `retina-trainer predict` writes them. The stimulus normalisation of training
+    is inside."""
+
+    def __init__(self, model: nn.Module, config: dict[str, Any], mean: float, std: float, batch_size: int = 256):
+        super().__init__()
+        self.model = model.eval()
+        self.config = dict(config)
+        self.mean, self.std = float(mean), float(std)
+        self.history = int(config["img_shape"][0])
+        self.batch_size = int(batch_size)
+
+    @torch.no_grad()
+    def forward(self, stimulus: torch.Tensor) -> torch.Tensor:
+        self.model.eval()
+        stim = stimulus.to(torch.float32)
+        h = self.history
+        n = stim.shape[0] - h
+        offsets = torch.arange(h, device=stim.device)
         out = []
-        for start in range(0, stim.shape[0] - h, batch_size):
-            starts = torch.arange(start, min(start + batch_size, stim.shape[0] - h), device=device)
-            x = (stim[starts[:, None] + offsets].float() - self.mean) / self.std
-            out.append(as_rates(self.config, self.model(x)).cpu())
-        return torch.cat(out).numpy()
+        for start in range(0, max(n, 0), self.batch_size):
+            starts = torch.arange(start, min(start + self.batch_size, n), device=stim.device)
+            x = (stim[starts[:, None] + offsets] - self.mean) / self.std
+            out.append(as_rates(self.config, self.model(x)).float())
+        return torch.cat(out) if out else stim.new_zeros((0, 0))
 
 
 def load_checkpoint(path: str | Path, source: str | None = None) -> LoadedModel:
@@ -107,7 +136,10 @@ def load_model(ref: str | Path) -> LoadedModel:
     from trainer.tracking import download_best_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
-        return load_checkpoint(download_best_checkpoint(ref_s, Path(tmp)), source=ref_s)
+        path, run_id = download_best_checkpoint(ref_s, Path(tmp))
+        loaded = load_checkpoint(path, source=ref_s)
+    loaded.run_id = run_id
+    return loaded
 
 
 def write_predictions(loaded: LoadedModel, recording: str | Path, out: str | Path, force: bool = False) -> Path:

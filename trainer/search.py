@@ -73,6 +73,11 @@ def repeat_seed(base: int, repeat: int) -> int:
     return int(hashlib.sha256(f"{base}:{repeat}".encode()).hexdigest()[:8], 16) % (2**31 - 1)
 
 
+def plural(n: int, word: str) -> str:
+    """'1 run', '2 runs': a count with its noun."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def short_value(value: Any) -> str:
     if isinstance(value, bool):
         return "T" if value else "F"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,11 +26,15 @@ from typing import Any
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # Bounded retries against a tracking server (MLflow's own defaults retry a dead server for minutes): about 10 s of
 # backoff, 30 s per request. Settings given in the environment (e.g. a pod's) win.
+# No "Downloading artifacts" progress bars in our output.
 for _key, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3"), ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
-                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")):
+                     ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"), ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")):
     os.environ.setdefault(_key, _value)
 
 import mlflow  # noqa: E402
+
+# MLflow's INFO lines (database set-up, ...) are not for our users; its warnings and errors still show.
+logging.getLogger("mlflow").setLevel(logging.WARNING)
 from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
@@ -39,6 +45,10 @@ from trainer.errors import TrackingUnavailable, UserError  # noqa: E402
 ROLE, SEARCH_ID, CONFIG_ID, INDEX = "role", "search_id", "config_id", "run_index"
 PARENT_TAG, NAME_TAG = "mlflow.parentRunId", "mlflow.runName"
 IMPORTED_FROM = "imported_from"  # tag of a run made by `retina-trainer import`: the original's file
+# The MLflow UI (3.x) opens an experiment in the view its kind names; without the tag it guesses, and a new
+# experiment opened in its GenAI view ("0 traces"). Ours train models.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+MODEL_ID = "model_id"  # tag of a run: the MLflow Model (LoggedModel) of its best checkpoint, what `register` registers
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
 
@@ -189,12 +199,94 @@ class RunLog:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def log_model(self, loaded: Any) -> str:
+        """Log a trained model (a trainer.inference.LoadedModel) as this run's MLflow Model: pytorch flavor, raw
+        frames in and rates out (trainer.inference.RatePredictor), with a signature, an input example, its pip
+        requirements and this package as code, so that `mlflow.pyfunc.load_model`, `mlflow.pytorch.load_model`
+        and `mlflow models serve` take it. Returns the model id (also the run's tag MODEL_ID)."""
+        import h5py
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        import trainer
+
+        h, height, width = (int(v) for v in loaded.config["img_shape"])
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, height, width))]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, len(loaded.cell_ids)))]))
+        example = np.random.default_rng(0).random((h + 3, height, width), dtype=np.float32)
+        pip = [f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}", f"h5py=={h5py.__version__}"]
+        quiet = logging.getLogger("mlflow.pytorch")  # its warning on pickled models: ours are our own classes
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            with mlflow.start_run(run_id=self.run_id):  # the fluent API logs to the active run
+                info = mlflow.pytorch.log_model(
+                    loaded.served(), name="model", signature=signature, input_example=example, pip_requirements=pip,
+                    code_paths=[str(Path(trainer.__file__).parent)], serialization_format="pickle")
+        except Exception as exc:
+            if _unreachable(exc):
+                raise TrackingUnavailable(f"the MLflow tracking server {mlflow.get_tracking_uri()} is unreachable "
+                                          f"({' '.join(str(exc).split())[:160]})") from None
+            raise
+        finally:
+            quiet.setLevel(level)
+        self.client.set_tag(self.run_id, MODEL_ID, info.model_id)
+        return info.model_id
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_recording(self, path: Path, dataset: str, stim_type: str, digest: str, val_frac: float) -> None:
+        """The recording as the run's dataset input (the UI's Dataset column): name <dataset>/<stim_type>, the file
+        as source, its digest; context training, and which part each split is (MLflow keeps one input per
+        dataset, so validation and test, parts of the same file, are said in the tag `splits`)."""
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MLflow warns that it resolved the source's type itself
+            source = resolve_dataset_source(str(Path(path).resolve()))
+        entity = MetaDataset(source, name=f"{dataset}/{stim_type}", digest=digest)._to_mlflow_entity()
+        splits = (f"training: group train without its last {val_frac:g}; validation: that last {val_frac:g} after a "
+                  "gap of one window; test: group test")
+        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=[
+            InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("splits", splits)])])
+
+    def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
+        """A table (column -> values) as an MLflow table artifact, so `mlflow.load_table` reads a search's at once."""
+        self.client.log_table(self.run_id, data=table, artifact_file=artifact_file)
+
+    def start_system_metrics(self, resumed: bool) -> None:
+        """MLflow's system metrics for this run (CPU, memory, disk, network; GPU utilisation and memory where there
+        is a GPU), every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) from a background thread, until it ends."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        quiet = logging.getLogger("mlflow.system_metrics")
+        quiet.setLevel(logging.ERROR)  # its INFO lines on starting and on a missing GPU
+        every = float(os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL") or 10)
+        self.monitor = SystemMetricsMonitor(self.run_id, sampling_interval=every, samples_before_logging=1,
+                                            resume_logging=resumed, tracking_uri=mlflow.get_tracking_uri())
+        self.monitor.start()
+
     def log_params(self, params: dict[str, Any]) -> None:
         """Log params the run learns once its data is loaded (logging the same value again, on resume, is fine)."""
         self.client.log_batch(self.run_id, params=[Param(k, _param_value(v)) for k, v in params.items()])
 
     def end(self, status: str) -> None:
         """End the run FINISHED, FAILED or KILLED (and give up its lease)."""
+        monitor = getattr(self, "monitor", None)
+        if monitor is not None:
+            self.monitor = None
+            try:
+                monitor.finish()
+            except Exception:  # its last upload; the run's own end matters more
+                pass
         if self.heartbeat is not None:
             self.heartbeat.release(self.run_id)
             self.client.set_tag(self.run_id, LEASE_TAG, "")
@@ -293,7 +385,7 @@ class Tracker:
             exp = self.client.get_experiment_by_name(exp_name)
             if exp is None:
                 try:
-                    self.experiment_id = self.client.create_experiment(exp_name)
+                    self.experiment_id = self.client.create_experiment(exp_name, tags={EXPERIMENT_KIND: MODEL_TRAINING})
                     return
                 except MlflowException as exc:  # another process created it a moment ago
                     if exc.error_code != "RESOURCE_ALREADY_EXISTS":
@@ -304,9 +396,17 @@ class Tracker:
                                 f"(mlflow experiments restore) or choose another exp_name")
             else:
                 self.experiment_id = exp.experiment_id
+                if EXPERIMENT_KIND not in exp.tags:
+                    self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
         except MlflowException as exc:
             raise UserError(f"cannot reach the MLflow tracking store {self.uri}: {exc.message.splitlines()[0]}; "
                             f"check MLFLOW_TRACKING_URI") from None
+
+    def run_url(self, run_id: str) -> str:
+        """Where the run is in the MLflow UI: its URL on a tracking server, else how to open the local store."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return f"(mlflow ui --backend-store-uri {self.uri})"
 
     def check_parent(self, parent_id: str, search_id: str) -> None:
         """A UserError unless `parent_id` is this search's parent run in this experiment (before anything trains)."""
@@ -342,10 +442,8 @@ class Tracker:
             self.client.log_batch(env_run, tags=[RunTag(k, v) for k, v in tags.items()])
             return env_run, False
         found = self._search(f"tags.{ROLE} = 'search' and tags.{SEARCH_ID} = '{search_id}'")
-        if found:
-            run_id = found[0].info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            return run_id, True
+        if found:  # RUNNING again only once there is something to train (see reopen_parent)
+            return found[0].info.run_id, True
         run = self.client.create_run(self.experiment_id, run_name=f"{exp_name}-search-{search_id}", tags=tags)
         # two processes that started the same search at the same moment: the earlier parent is the parent
         found = self._search(f"tags.{ROLE} = 'search' and tags.{SEARCH_ID} = '{search_id}'")
@@ -416,6 +514,15 @@ class Tracker:
             self.client.set_terminated(parent_id, FINISHED)
         return True
 
+    def reopen_parent(self, run_id: str) -> None:
+        """Mark an earlier parent run RUNNING again: a rerun has runs left to train under it."""
+        if self.client.get_run(run_id).info.status != "RUNNING":
+            self.client.update_run(run_id, status="RUNNING")
+
+    def note(self, run_id: str, text: str) -> None:
+        """A note on a run, shown as its description in the MLflow UI."""
+        self.client.set_tag(run_id, "mlflow.note.content", text)
+
     def end_parent(self, run_id: str, status: str) -> None:
         self.client.set_terminated(run_id, status)
 
@@ -430,53 +537,65 @@ def _lower_is_better(metric: str) -> bool:
     return metric.endswith("loss")
 
 
-def _finished_children(client: MlflowClient, target: str) -> tuple[list[Any], str]:
-    """FINISHED child runs of an experiment (by name), a search (by search id) or a parent run (by run id)."""
+def _best_child(client: Any, target: str, metric: str) -> tuple[Any, str]:
+    """The best FINISHED child run on `metric` of an experiment (by name), a search (by search id) or a parent run
+    (by run id), asked of the server (order_by, one result), and what was searched."""
     flt = f"tags.{ROLE} = 'run' and attributes.status = 'FINISHED'"
+    order = [f"metrics.`{metric}` {'ASC' if _lower_is_better(metric) else 'DESC'}"]
     exp = client.get_experiment_by_name(target)
     if exp is not None:
-        return client.search_runs([exp.experiment_id], flt, max_results=5000), f"experiment '{target}'"
-    exp_ids = [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(exp_ids, f"{flt} and tags.{SEARCH_ID} = '{target}'", max_results=5000)
-    if runs:
-        return runs, f"search {target}"
-    runs = client.search_runs(exp_ids, f"{flt} and tags.`{PARENT_TAG}` = '{target}'", max_results=5000)
-    if runs:
-        return runs, f"parent run {target}"
+        scopes = [([exp.experiment_id], flt, f"experiment '{target}'")]
+    else:
+        exp_ids = [e.experiment_id for e in client.search_experiments()]
+        scopes = [(exp_ids, f"{flt} and tags.{SEARCH_ID} = '{target}'", f"search {target}"),
+                  (exp_ids, f"{flt} and tags.`{PARENT_TAG}` = '{target}'", f"parent run {target}")]
+    for exp_ids, where, what in scopes:
+        if not client.search_runs(exp_ids, where, max_results=1):
+            continue
+        best = client.search_runs(exp_ids, f"{where} and metrics.`{metric}` > -1e308", order_by=order,
+                                  max_results=1)
+        if best:
+            return best[0], what
+        some = client.search_runs(exp_ids, where, max_results=50)
+        known = sorted({k for r in some for k in r.data.metrics if not k.startswith(("val_pearson_cell",
+                                                                                    "test_pearson_cell"))})
+        raise UserError(f"no FINISHED run of {what} has metric '{metric}'; use --metric with one of: "
+                        f"{', '.join(known)}")
     raise UserError(f"no experiment, search id or parent run '{target}' with FINISHED runs in "
                     f"{mlflow.get_tracking_uri()}; give an exp_name, a search id (from `retina-trainer expand`) "
                     f"or a parent run id")
 
 
 def register_best(target: str, metric: str = "best_val_pearson", name: str | None = None) -> dict[str, Any]:
-    """Register the best FINISHED run's best checkpoint as a new model version; move the `champion` alias only
-    when the new version beats the current champion on the same metric."""
-    client = MlflowClient()
-    runs, what = _finished_children(client, target)
-    scored = [r for r in runs if metric in r.data.metrics and r.data.metrics[metric] == r.data.metrics[metric]]
-    if not scored:
-        known = sorted({k for r in runs for k in r.data.metrics if not k.startswith(("val_pearson_cell",
-                                                                                     "test_pearson_cell"))})
-        raise UserError(f"no FINISHED run of {what} has metric '{metric}'; use --metric with one of: "
-                        f"{', '.join(known)}")
-    sign = -1.0 if _lower_is_better(metric) else 1.0
-    best = max(scored, key=lambda r: sign * r.data.metrics[metric])
+    """Register the best FINISHED run's model as a new model version; move the `champion` alias only when the new
+    version beats the current champion on the same metric."""
+    client = _existing_store_client()
+    best, what = _best_child(client, target, metric)
     model_name = name or client.get_experiment(best.info.experiment_id).name
-    return {**register_run(client, best, metric, model_name), "searched": what, "n_candidates": len(scored)}
+    return {**register_run(client, best, metric, model_name), "searched": what}
 
 
 def register_run(client: MlflowClient, run: Any, metric: str, model_name: str) -> dict[str, Any]:
-    """Register a FINISHED run's checkpoints/ folder as a new version of `model_name` (created if needed), tagged
-    with what it is; move the `champion` alias to it when there is no champion, the champion has no value of
-    `metric`, or the run's value beats it (a run without the metric takes the alias only when there is none)."""
+    """Register a FINISHED run's MLflow Model (its tag MODEL_ID; a run of retina-trainer before 0.2 has none, and its
+    checkpoints/ folder is registered instead: `predict` and `evaluate` load it, MLflow cannot serve it) as a new
+    version of `model_name` (created if needed), tagged with what it is; move the `champion` alias to it when there
+    is no champion, the champion has no value of `metric`, or the run's value beats it (a run without the metric
+    takes the alias only when there is none). A run already registered under `model_name` is left as it is."""
     sign = -1.0 if _lower_is_better(metric) else 1.0
     value = run.data.metrics.get(metric)
     params = run.data.params
     try:
         client.get_registered_model(model_name)
     except MlflowException:
-        client.create_registered_model(model_name, description="retina-trainer models (state_dict checkpoints with "
-                                                               "their resolved config and stimulus normalisation)")
+        client.create_registered_model(model_name, description="retina-trainer models: MLflow Models (pytorch flavor, "
+                                                               "raw stimulus frames in, rates out) of the best "
+                                                               "checkpoint of a run")
+    already = client.search_model_versions(f"name = '{model_name}' and run_id = '{run.info.run_id}'")
+    if already:
+        v = min(already, key=lambda mv: int(mv.version))
+        return {"name": model_name, "version": v.version, "run_id": run.info.run_id, "metric": metric,
+                "value": value, "already": True, "champion_moved": False, "previous_champion": None,
+                "previous_value": None}
     tags = {"run_id": run.info.run_id, "config_id": run.data.tags.get(CONFIG_ID, ""),
             "model_type": params.get("model_type", ""), "dataset": params.get("dataset", ""),
             "stim_type": params.get("stim_type", ""), "cells": params.get("cells", ""),
@@ -488,8 +607,13 @@ def register_run(client: MlflowClient, run: Any, metric: str, model_name: str) -
             tags[f"metric.{k}"] = repr(run.data.metrics[k])
     if IMPORTED_FROM in run.data.tags:
         tags[IMPORTED_FROM] = run.data.tags[IMPORTED_FROM]
-    version = client.create_model_version(model_name, source=f"{run.info.artifact_uri}/checkpoints",
-                                          run_id=run.info.run_id, tags=tags)
+    model_id = run.data.tags.get(MODEL_ID)
+    if model_id:
+        version = client.create_model_version(model_name, source=f"models:/{model_id}", run_id=run.info.run_id,
+                                              tags={**tags, "servable": "true"}, model_id=model_id)
+    else:
+        version = client.create_model_version(model_name, source=f"{run.info.artifact_uri}/checkpoints",
+                                              run_id=run.info.run_id, tags={**tags, "servable": "false"})
     previous = None
     try:
         champ = client.get_model_version_by_alias(model_name, CHAMPION)
@@ -504,7 +628,8 @@ def register_run(client: MlflowClient, run: Any, metric: str, model_name: str) -
     if moved:
         client.set_registered_model_alias(model_name, CHAMPION, version.version)
     return {"name": model_name, "version": version.version, "run_id": run.info.run_id, "metric": metric,
-            "value": value, "champion_moved": moved, "previous_champion": prev_version, "previous_value": previous}
+            "value": value, "champion_moved": moved, "previous_champion": prev_version, "previous_value": previous,
+            "already": False, "servable": bool(model_id)}
 
 
 def log_imported(checkpoint_path: Path, cfg: dict[str, Any], imported_from: dict[str, Any],
@@ -526,6 +651,9 @@ def log_imported(checkpoint_path: Path, cfg: dict[str, Any], imported_from: dict
             client.log_dict(run_id, cfg, "hyperparams.json")
             log.log_metrics(metrics, step=int(imported_from.get("epoch", 0) or 0))
             log.checkpoint(Path(checkpoint_path), "best.pt")
+            from trainer.inference import load_checkpoint
+
+            log.log_model(load_checkpoint(checkpoint_path))
         except BaseException:
             log.end(RunStatus.to_string(RunStatus.FAILED))
             raise
@@ -539,9 +667,21 @@ def log_imported(checkpoint_path: Path, cfg: dict[str, Any], imported_from: dict
                         "MLFLOW_TRACKING_URI") from None
 
 
-def download_best_checkpoint(ref: str, dest: Path) -> Path:
-    """Fetch best.pt for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID` or a bare run id."""
-    client = MlflowClient()
+def _existing_store_client() -> Any:
+    """A client of the tracking store, for commands that read one: a local SQLite store that does not exist is an
+    error (MLflow would create an empty one in the working directory)."""
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).expanduser().is_file():
+        raise UserError(f"no MLflow store here: {uri} does not exist in {Path.cwd()}; run from the folder that holds "
+                        "mlflow.db or set MLFLOW_TRACKING_URI")
+    return GuardedClient(MlflowClient(), uri)
+
+
+def download_best_checkpoint(ref: str, dest: Path) -> tuple[Path, str]:
+    """Fetch best.pt for `models:/NAME@ALIAS`, `models:/NAME/VERSION`, `runs:/RUN_ID` or a bare run id: the
+    checkpoint of the version's run (whatever the version's source: the run's MLflow Model, or before 0.2 its
+    checkpoints/ folder), and the run's id."""
+    client = _existing_store_client()
     try:
         if ref.startswith("models:/"):
             body = ref[len("models:/"):]
@@ -555,13 +695,27 @@ def download_best_checkpoint(ref: str, dest: Path) -> Path:
                 raise UserError(f"model URI '{ref}' needs a version or alias: models:/NAME@champion or "
                                 f"models:/NAME/1")
             source = f"{mv.source.rstrip('/')}/best.pt"
+            run_id = mv.run_id or ""
+            if run_id:
+                source = f"{client.get_run(run_id).info.artifact_uri}/checkpoints/best.pt"
         else:
             run_id = ref[len("runs:/"):].strip("/") if ref.startswith("runs:/") else ref
             source = f"{client.get_run(run_id).info.artifact_uri}/checkpoints/best.pt"
-        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest)))
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest))), run_id
     except MlflowException as exc:
         raise UserError(f"cannot load '{ref}' from {mlflow.get_tracking_uri()}: "
                         f"{exc.message.splitlines()[0]}") from None
+
+
+def recorded_recording(run_id: str) -> tuple[str, str] | None:
+    """The recording a run was trained on, as its dataset input says: (file path, digest), or None."""
+    client = _existing_store_client()
+    for di in client.get_run(run_id).inputs.dataset_inputs:
+        try:
+            return json.loads(di.dataset.source)["uri"], di.dataset.digest
+        except (ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def log_evaluation(run_id: str, metrics: dict[str, float], files: list[tuple[str, Path]]) -> None:

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import click
 
-from trainer.data.recording import check_recording, format_summary
-from trainer.data.synth import describe_synthetic, write_synthetic
+# trainer.data.recording and .synth import torch: they are imported inside the commands, so --help stays fast.
 
 
 @click.group()
@@ -31,6 +30,8 @@ def check(file: Path, history: int, val_frac: float) -> None:
     validation and test samples the given history and val_frac give. Exits non-zero with a one-line reason if
     the file is malformed or too short.
     """
+    from trainer.data.recording import check_recording, format_summary
+
     click.echo(format_summary(check_recording(file, history=history, val_frac=val_frac)))
 
 
@@ -62,6 +63,8 @@ def synth(directory: Path, dataset: str, stim_type: str, n_cells: int, size: int
     ON/OFF subunits; spikes are Poisson. The true rates are stored under ground_truth/ (ignored by training).
     The file is written to a temporary name and renamed when complete.
     """
+    from trainer.data.synth import describe_synthetic, write_synthetic
+
     path = write_synthetic(directory, dataset, stim_type, n_cells=n_cells, size=size,
                            train_frames=train_frames, test_frames=test_frames, n_repeats=n_repeats,
                            history=history, seed=seed, overwrite=force)

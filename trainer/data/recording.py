@@ -241,6 +241,26 @@ def _hw(shape: Sequence[int]) -> str:
     return f"{shape[0]}x{shape[1]}"
 
 
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def recording_digest(path: str | Path) -> str:
+    """A digest of a recording file's bytes (sha256, its first 16 hex digits), to tell whether a file is the one a
+    model was trained on; computed once per file version (path, size, modification time) in a process."""
+    path = Path(path).expanduser().resolve()
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        import hashlib
+
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()[:16]
+    return _DIGESTS[key]
+
+
 MAX_RATE_HZ = 1e4  # 100 spikes per 10 ms bin: a firing rate above this is a unit error (or an overflow to come)
 
 

@@ -193,8 +193,7 @@ def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str =
     _check_args(dataset, stim_type, n_cells, size, train_frames, test_frames, n_repeats, history, seed)
     path = recording_path(root, dataset, stim_type)
     if path.exists() and not overwrite:
-        raise DataError(f"{path} already exists; pass overwrite=True (--force on the command line) "
-                        f"to replace it")
+        raise DataError(f"{path} already exists; pass --force to replace it (overwrite=True from Python)")
 
     # independent streams, so e.g. changing the test length leaves the cells and the train data unchanged
     cell_ss, train_ss, test_ss, spike_ss = np.random.SeedSequence(seed).spawn(4)

@@ -291,6 +291,12 @@ def scalars(result: dict) -> dict[str, float]:
     return {k: float(v) for k, v in result.items() if not isinstance(v, np.ndarray)}
 
 
+def per_cell_columns(result: dict, cell_ids: Sequence[int]) -> dict[str, list]:
+    """The per-cell scores of an `evaluate` result as columns (cell id, then each score), e.g. for an MLflow table."""
+    keys = [k for k in PER_CELL_KEYS if k in result]
+    return {"cell": [int(c) for c in cell_ids], **{k: [float(v) for v in result[k]] for k in keys}}
+
+
 def per_cell_table(result: dict, cell_ids: Sequence[int]) -> str:
     """CSV text of an `evaluate` result: one row per cell (by id) and a final `mean` row, NaN written as nan."""
     keys = [k for k in PER_CELL_KEYS if k in result]

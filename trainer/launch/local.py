@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import socket
+import sys
 import tempfile
 import time
 import traceback
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 
 from trainer import search as search_mod
-from trainer.data.recording import DataBundle, load_data, recording_path, resolve_data_root
+from trainer.data.recording import DataBundle, load_data, recording_digest, recording_path, resolve_data_root
 from trainer.data.recording import preflight as recording_preflight
 from trainer.errors import ConfigError, DataError, TrackingUnavailable, UserError
 from trainer.models import build_model, prepare_model
@@ -64,6 +67,48 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def provenance(device: torch.device) -> dict[str, str]:
+    """What made a run, as tags: the package version and git commit (when known), torch and CUDA, the device
+    (its name for a GPU), the host, and on Kubernetes the image, pod and node (env vars the rendered Job sets)."""
+    from trainer import __version__
+
+    tags = {"retina_trainer.version": __version__, "torch.version": torch.__version__,
+            "cuda.version": torch.version.cuda or "none", "host": socket.gethostname(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type}
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    for env, tag in (("RETINA_IMAGE", "image"), ("POD_NAME", "k8s.pod"), ("NODE_NAME", "k8s.node")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+_COMMIT: list[str | None] = []
+
+
+def _git_commit() -> str | None:
+    """$RETINA_GIT_COMMIT (an image sets it when built), else the commit of the checkout this package runs from
+    (with -dirty when it has uncommitted changes), else None."""
+    if not _COMMIT:
+        commit = os.environ.get("RETINA_GIT_COMMIT") or None
+        repo = Path(__file__).resolve().parents[2]
+        if commit is None and (repo / ".git").exists():
+            import subprocess
+
+            try:
+                head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                      timeout=10)
+                dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                       capture_output=True, text=True, timeout=10)
+                if head.returncode == 0:
+                    commit = head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+            except (OSError, subprocess.SubprocessError):
+                commit = None
+        _COMMIT.append(commit)
+    return _COMMIT[0]
 
 
 def run_dir(spec: RunSpec) -> Path:
@@ -254,6 +299,9 @@ def _build(m: _Member, data: DataBundle, device: torch.device, echo: Echo,
     model = build_model(cfg, data.n_cells)
     prepare_model(model, cfg, data)  # read-out positions, initial output rates
     m.log.log_params({"cell_ids": data.cell_ids, "cells_source": data.cells_source})
+    m.log.set_tags(provenance(device))
+    m.log.log_recording(data.path, cfg["dataset"], cfg["stim_type"], recording_digest(data.path), cfg["val_frac"])
+    m.log.start_system_metrics(resumed=m.resume is not None)
     if m.resume is not None:
         logged = m.log.logged_steps()
         for row in m.resume["history"]:
@@ -271,6 +319,11 @@ def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: 
                "stopped_early": float(result.stopped_early)}
     m.log.log_metrics(summary, step=result.epochs_run, once=True)
     _evaluate_best(m, data, result.history, echo, plots)
+    from trainer.inference import LoadedModel
+
+    # the weights just evaluated (the best epoch's) as the run's MLflow Model, which `register` registers
+    m.log.log_model(LoadedModel(model=m.trainer.model, config=m.trainer.cfg, mean=data.stim_mean, std=data.stim_std,
+                                cell_ids=list(data.cell_ids), epoch=result.best_epoch, source=m.log.run_id))
     m.log.end("FINISHED")
     m.ended = True
     m.outcome.status = "FINISHED"
@@ -327,7 +380,11 @@ def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracke
         return [o for o in opened if isinstance(o, RunOutcome)]
     specs = [m.spec for m in members]
     cfg = specs[0].config
+    for m in members:
+        echo(f"run {m.spec.index} {m.spec.name}: MLflow run {m.log.run_id} {tracker.run_url(m.log.run_id)}")
     bar = None
+    # A progress bar on a terminal; else (a pod, `mlflow run`, a log file) one line per epoch.
+    progress = progress and sys.stderr.isatty()
     try:
         device = resolve_device(cfg["device"])
         data = cache.get(path, cfg, device)
@@ -345,6 +402,13 @@ def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracke
                 bar.set_postfix(loss=f"{metrics['train_loss']:.4f}", val_r=f"{metrics['val_pearson']:.3f}")
                 bar.update(1)
 
+        def epoch_line(spec: RunSpec) -> Callable[[int, dict[str, float]], None]:
+            def line(epoch: int, metrics: dict[str, float]) -> None:
+                echo(f"run {spec.index} {spec.name}: epoch {epoch}/{spec.config['n_epochs']} train_loss "
+                     f"{metrics['train_loss']:.4f} val_loss {metrics['val_loss']:.4f} val_r "
+                     f"{metrics['val_pearson']:.3f} ({metrics['epoch_seconds']:.1f} s)")
+            return line
+
         def on_pack_epoch(reported: list[dict[str, float]]) -> None:
             if bar is not None and reported:
                 bar.set_postfix(runs=len(reported), best_val_r=f"{max(r['val_pearson'] for r in reported):.3f}")
@@ -352,13 +416,18 @@ def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracke
 
         for m in members:
             try:
-                m.trainer = _build(m, data, device, echo, on_epoch if len(members) == 1 else None)
+                m.trainer = _build(m, data, device, echo, epoch_line(m.spec) if bar is None else
+                                   on_epoch if len(members) == 1 else None)
             except (UserError, RuntimeError, ValueError) as exc:  # this run's settings; the others may be fine
                 _fail(m, exc, echo)
         live = [m for m in members if not m.ended]
         if len(live) == 1:
             m = live[0]
-            _finish(m, m.trainer.fit(resume=m.resume), data, echo, plots)
+            result = m.trainer.fit(resume=m.resume)
+            if bar is not None:  # before the evaluation, so the bar ends at its last epoch
+                bar.close()
+                bar = None
+            _finish(m, result, data, echo, plots)
         elif live:
             from trainer.training.packed import PackedTrainer
 
@@ -431,6 +500,9 @@ def _evaluate_best(m: _Member, data: DataBundle, history: list[dict[str, float]]
     log.set_tag("eval_repeats", ev.repeats_note)
     log.set_tag("eval_checkpoint", scored)
     log.log_files(ev.scalars, ev.files)
+    from trainer.evaluation.metrics import per_cell_columns
+
+    log.log_table(per_cell_columns(ev.result, data.cell_ids), "eval/per_cell_table.json")
 
 
 def _plot_search(outcome: SearchOutcome, tracker: Any, parent_id: str) -> None:
@@ -463,7 +535,8 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
     parent_id, owns_parent = tracker.parent_run(search.search_id, search.exp_name, len(search.runs),
                                                 list(search.searched_keys), files or {})
     outcome = SearchOutcome(search, parent_id, tracker.uri)
-    echo(f"search {search.search_id}: {len(search.runs)} runs, experiment '{search.exp_name}' in {tracker.uri}")
+    echo(f"search {search.search_id}: {search_mod.plural(len(search.runs), 'run')}, experiment '{search.exp_name}' "
+         f"in {tracker.uri}")
     prior = tracker.prior_runs()
     pending = []
     for spec in search.runs:
@@ -472,10 +545,22 @@ def run_search(search: Search, *, data_root: str | None = None, echo: Echo = pri
             outcome.runs.append(_skipped(spec, done[0], echo))
         else:
             pending.append(spec)
+    if not pending:  # an earlier parent keeps its status and end time
+        echo(f"search {search.search_id}: every run is FINISHED already; nothing to train")
+        made_now = owns_parent and tracker.client.get_run(parent_id).info.status == "RUNNING"
+        if made_now or not owns_parent:  # a parent of this call (ours, or `mlflow run`'s): say where the runs are
+            tracker.note(parent_id, f"Nothing trained: every run of search {search.search_id} had FINISHED before "
+                                    f"(filter the runs with tags.search_id = '{search.search_id}').")
+        if made_now:
+            tracker.end_parent(parent_id, "FINISHED")
+        owns_parent = False
+    elif owns_parent:
+        tracker.reopen_parent(parent_id)
     packs = search_mod.plan_packs(pending, pack)
     if pack > 1:
         sizes = [len(p) for p in packs]
-        echo(f"{len(pending)} runs to train in {len(packs)} packs (largest {max(sizes, default=0)}; runs that "
+        echo(f"{search_mod.plural(len(pending), 'run')} to train in {search_mod.plural(len(packs), 'pack')} (largest "
+             f"{max(sizes, default=0)}; runs that "
              f"differ in more than optimiser settings, stopping rule and seed, or prune, train_loop "
              f"retinotopic_loop or compile, train alone)")
     status = "FINISHED"
@@ -546,7 +631,7 @@ def run_index(search: Search, index: int, parent_id: str, *, data_root: str | No
 def summary_table(outcome: SearchOutcome) -> str:
     """The end-of-search table: run, searched hyperparameters, best validation r, test r, status, MLflow id."""
     keys = list(outcome.search.searched_keys)
-    header = ["run", "name"] + keys + ["best_val_r", "test_r", "epoch", "status", "mlflow_run_id"]
+    header = ["run", "name"] + keys + ["best_val_r", "test_r", "best_epoch", "status", "mlflow_run_id"]
     rows = []
     for r in outcome.runs:
         rows.append([str(r.spec.index), r.spec.name] + [search_mod.short_value(r.spec.searched[k]) for k in keys]

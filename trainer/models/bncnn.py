@@ -82,8 +82,9 @@ class BNCNN(ConvGCReadout, nn.Module):
         if min(min(m) for m in maps) <= 0:
             chain = " -> ".join(f"{h}x{w}" for h, w in [(height, width), *maps])
             raise ConfigError(
-                f"kernels do not fit the input: img_shape {list(img_shape)} with ksizes {list(ksizes[:n_kernels])} "
-                f"gives feature maps {chain} (in hyperparams): use smaller ksizes or a larger img_shape"
+                f"kernels do not fit the input: img_shape {list(img_shape)} with ksizes {list(ksizes)} (the first "
+                f"{n_kernels} used) gives feature maps {chain} (in hyperparams): use smaller ksizes or a larger "
+                "img_shape"
             )
         self.n_units = n_units
         self.img_shape = (history, height, width)
