@@ -12,3 +12,4 @@ mkdir -p demo
 cd demo
 ../.venv/bin/retina-trainer search ../examples/hyperparams.json ../examples/hyperranges.json --data-root data
 echo "Runs are in $(pwd)/mlflow.db: compare them with  cd demo && ../.venv/bin/mlflow ui"
+echo "then open http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning (MLflow's model-training view)"

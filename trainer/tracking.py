@@ -48,6 +48,9 @@ IMPORTED_FROM = "imported_from"  # tag of a run made by `retina-trainer import`:
 # The MLflow UI (3.x) opens an experiment in the view its kind names; without the tag it guesses, and a new
 # experiment opened in its GenAI view ("0 traces"). Ours train models.
 EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+# The UI's own choice between its GenAI and model-training views is a browser setting (GenAI in a new browser);
+# this query selects model training (and the browser keeps it).
+UI_VIEW = "workflowType=machine_learning"
 MODEL_ID = "model_id"  # tag of a run: the MLflow Model (LoggedModel) of its best checkpoint, what `register` registers
 MAX_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 FINISHED = RunStatus.to_string(RunStatus.FINISHED)
@@ -403,10 +406,11 @@ class Tracker:
                             f"check MLFLOW_TRACKING_URI") from None
 
     def run_url(self, run_id: str) -> str:
-        """Where the run is in the MLflow UI: its URL on a tracking server, else how to open the local store."""
+        """Where the run is in the MLflow UI: its URL on a tracking server, else how to open the local store. The
+        query selects the UI's model-training view (a new browser opens MLflow 3's GenAI view)."""
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
-        return f"(mlflow ui --backend-store-uri {self.uri})"
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}?{UI_VIEW}"
+        return f"(mlflow ui --backend-store-uri {self.uri}, then /#/experiments/{self.experiment_id}?{UI_VIEW})"
 
     def check_parent(self, parent_id: str, search_id: str) -> None:
         """A UserError unless `parent_id` is this search's parent run in this experiment (before anything trains)."""
