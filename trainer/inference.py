@@ -144,10 +144,7 @@ def load_model(ref: str | Path) -> LoadedModel:
 
 def write_predictions(loaded: LoadedModel, recording: str | Path, out: str | Path, force: bool = False) -> Path:
     """Predict every group of `recording` that has a stimulus and write the rates to `out` atomically."""
-    import os
-
-    import h5py
-
+    from trainer.data.h5write import atomic_h5
     from trainer.data.recording import read_stimulus, stimulus_groups
 
     recording, out = Path(recording).expanduser(), Path(out).expanduser()
@@ -157,23 +154,11 @@ def write_predictions(loaded: LoadedModel, recording: str | Path, out: str | Pat
     if not groups:
         raise UserError(f"{recording}: no train/stimulus or test/stimulus to predict from")
     h = loaded.history
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        # a new file of our own in the target folder (never an existing name or a link), renamed when complete
-        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-        os.close(fd)
-    except OSError as exc:
-        raise UserError(f"cannot write {out} ({exc.strerror or exc}); choose a writable place") from None
-    tmp = Path(name)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs.update(model=loaded.source, cell_ids=np.asarray(loaded.cell_ids), history=h,
-                           recording=str(recording), first_frame=h)
-            for group in groups:
-                frames, time = read_stimulus(recording, group)
-                f[f"{group}/firing_rate"] = loaded.predict(frames).T.astype(np.float32)
-                f[f"{group}/time"] = time[h:]
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone after the rename; left only by a failure
+    with atomic_h5(out) as f:
+        f.attrs.update(model=loaded.source, cell_ids=np.asarray(loaded.cell_ids), history=h,
+                       recording=str(recording), first_frame=h)
+        for group in groups:
+            frames, time = read_stimulus(recording, group)
+            f[f"{group}/firing_rate"] = loaded.predict(frames).T.astype(np.float32)
+            f[f"{group}/time"] = time[h:]
     return out

@@ -10,14 +10,13 @@ the loader ignores, so tests and benchmarks can compare a fitted model with the 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
+from trainer.data.h5write import atomic_h5
 from trainer.data.recording import BIN_S, RATES, recording_path
 from trainer.errors import DataError
 
@@ -243,19 +242,8 @@ def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str =
         f.attrs["bin_size"] = BIN_S
         f.attrs["frame_hold_bins"] = HOLD_BINS
 
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-        os.close(fd)
-    except OSError as e:
-        raise DataError(f"{path.parent}: cannot write there ({e.strerror}); choose a writable folder") from e
-    try:
-        with h5py.File(tmp, "w") as f:
-            write(f)
-        os.replace(tmp, path)  # only a complete file ever carries the final name
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_h5(path, DataError) as f:  # only a complete file ever carries the final name
+        write(f)
     return path
 
 
