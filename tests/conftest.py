@@ -81,17 +81,23 @@ def start_mlflow_server(folder: Path, port: int | None = None) -> tuple[subproce
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     log.close()
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
+    wait_healthy(proc, uri, folder / "server.log", 120)
+    return proc, uri
+
+
+def wait_healthy(proc: subprocess.Popen, uri: str, log: Path, seconds: float) -> None:
+    """Wait until the server at `uri` answers /health; stop it and raise with its log's end if it does not."""
+    deadline = time.time() + seconds
     while True:
         try:
             with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
                 if r.status == 200:
-                    return proc, uri
+                    return
         except OSError:
             pass
         if proc.poll() is not None or time.time() > deadline:
             stop_mlflow_server(proc)
-            raise RuntimeError(f"mlflow server did not start: {(folder / 'server.log').read_text()[-2000:]}")
+            raise RuntimeError(f"the mlflow server did not start: {log.read_text()[-3000:]}")
         time.sleep(0.5)
 
 

@@ -1,13 +1,16 @@
 """The Dockerfiles, checked without a Docker engine: hadolint, a pinned CUDA base, a non-root user, the install
-that keeps the base's torch, and a build context that holds what the image copies."""
+that keeps the base's torch, dependencies installed before the code is copied (and `docker/smoke-test.sh --check`,
+which checks that without building), and a build context that holds what the image copies."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -80,15 +83,25 @@ def test_image_runs_as_a_non_root_user_with_the_trainer_as_entrypoint():
 
 
 def test_install_keeps_the_base_torch_and_pins_every_other_dependency():
-    run = " ".join(a for k, a in instructions(DOCKERFILE) if k == "RUN")
-    # torch is installed only from TORCH_SPEC, and the package is held to the torch found in the base
-    assert re.search(r'if \[ -n "\$\{TORCH_SPEC\}" \]; then python3 -m pip install "\$\{TORCH_SPEC\}"', run)
-    assert "--constraint /tmp/retina/constraints.txt --constraint /tmp/retina/torch.txt" in run
-    assert "cmp - /tmp/retina/torch.txt" in run  # fails the build if torch changed anyway
+    runs = [a for k, a in instructions(DOCKERFILE) if k == "RUN"]
+    deps, code = runs  # two layers: the dependencies, then the package
+    # torch is installed only from TORCH_SPEC, and both layers are held to the torch found in the base
+    assert re.search(r'if \[ -n "\$\{TORCH_SPEC\}" \]; then python3 -m pip install "\$\{TORCH_SPEC\}"', deps)
+    assert "pip install --requirement /tmp/retina/constraints.txt --constraint /opt/retina/torch.txt" in deps
+    assert "pip install --constraint /opt/retina/constraints.txt --constraint /opt/retina/torch.txt /tmp/retina/src" \
+        in code
+    for layer in (deps, code):
+        assert "cmp - /opt/retina/torch.txt" in layer  # fails the build if torch changed anyway
     pins = dict(line.split("==", 1) for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines()
                 if line and not line.startswith("#"))
     assert pins["mlflow"] == "3.17.2" and pins["mlflow-skinny"] == "3.17.2"
-    assert "torch" not in pins and not any(k.startswith("nvidia-") for k in pins)
+    # torch and its CUDA libraries (nvidia-cublas-..., ...) come from the base; NVML's bindings are ours
+    assert "torch" not in pins and not any(k.startswith("nvidia-") and k != "nvidia-ml-py" for k in pins)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for dep in project:
+        name = re.split(r"[<>=!~; \[]", dep, maxsplit=1)[0].lower()
+        assert name == "torch" or name in pins, f"{dep} (pyproject.toml) is not pinned in docker/constraints.txt: " \
+            "run docker/make-constraints.py"
     pyproject = (ROOT / "pyproject.toml").read_text()
     for dep in ("click", "h5py", "numpy", "tqdm"):
         assert dep in pins, f"{dep} (a dependency in pyproject.toml) is not pinned in docker/constraints.txt"
@@ -113,3 +126,57 @@ def test_smoke_test_script_is_valid_bash_and_builds_on_an_overridden_base():
     text = script.read_text()
     assert '--build-arg "BASE_IMAGE=$BASE_TAG"' in text and '--build-arg "TORCH_SPEC=$TORCH_SPEC"' in text
     assert "--network host" in text
+
+
+def test_dependencies_are_installed_before_any_code_is_copied():
+    ins = instructions(DOCKERFILE)
+    kinds = [k for k, _ in ins]
+    deps_at = next(i for i, (k, a) in enumerate(ins) if k == "RUN" and "--requirement" in a)
+    copies = [(i, a.split()[:-1]) for i, (k, a) in enumerate(ins) if k == "COPY"]
+    assert [srcs for i, srcs in copies if i < deps_at] == [["docker/constraints.txt"]]
+    code_at = min(i for i, srcs in copies if {"trainer", "pyproject.toml"} & set(srcs))
+    assert code_at > deps_at and kinds.index("FROM") < deps_at
+    # after the code only the package layer: its files, one RUN, and the image's settings
+    assert [k for k, _ in ins[code_at:]] == ["COPY", "COPY", "RUN", "WORKDIR", "USER", "ENTRYPOINT", "CMD"]
+
+
+def _check(env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run(["bash", str(ROOT / "docker" / "smoke-test.sh"), "--check"], capture_output=True,
+                          text=True, timeout=120, env=env)
+
+
+def test_smoke_test_check_mode_passes_without_an_engine_and_builds_nothing(tmp_path):
+    hadolint()
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "docker").write_text(f"#!/bin/sh\necho called >> '{tmp_path / 'docker-called'}'\nexit 1\n")
+    (fake / "docker").chmod(0o755)
+    res = _check({"PATH": f"{fake}{os.pathsep}{os.environ['PATH']}"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "hadolint docker/Dockerfile: clean" in res.stdout
+    assert "hadolint docker/mlflow-server/Dockerfile: clean" in res.stdout
+    assert "rebuilds only the package layer" in res.stdout and "CHECK PASSED (nothing built)" in res.stdout
+    assert not (tmp_path / "docker-called").exists()
+
+
+@pytest.mark.parametrize("change, message", [
+    # the code copied before the dependencies are installed: every code change reinstalls ~90 packages
+    (lambda t: t.replace("COPY docker/constraints.txt /tmp/retina/constraints.txt\n",
+                         "COPY trainer /tmp/retina/src/trainer\nCOPY docker/constraints.txt /tmp/retina/\n"),
+     "before the dependencies are installed"),
+    (lambda t: t.replace("COPY docker/constraints.txt /tmp/retina/constraints.txt\n",
+                         "COPY docker/constraints.txt /tmp/retina/constraints.txt\nCOPY README.md /tmp/retina/\n"),
+     "copies README.md before the dependencies are installed"),
+    (lambda t: t.replace("FROM ${BASE_IMAGE}", "FROM pytorch/pytorch:latest"), "build argument BASE_IMAGE"),
+    (lambda t: t.replace("--requirement /tmp/retina/constraints.txt", "/tmp/retina/src"),
+     "no RUN installs the pinned dependencies"),
+])
+def test_smoke_test_check_mode_catches_a_bad_layer_order(tmp_path, change, message):
+    hadolint()
+    bad = tmp_path / "Dockerfile"
+    bad.write_text(change(DOCKERFILE.read_text()))
+    assert bad.read_text() != DOCKERFILE.read_text()
+    res = _check({"DOCKERFILE": str(bad)})
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert message in res.stderr and "CHECK FAILED" in res.stdout

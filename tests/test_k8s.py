@@ -60,7 +60,16 @@ def container(job):
 
 
 def env_of(job) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in container(job)["env"]}
+    """Plain values as they are; values from elsewhere (downward API, Secrets) as 'from:<where>'."""
+    out = {}
+    for e in container(job)["env"]:
+        if "value" in e:
+            out[e["name"]] = e["value"]
+        else:
+            ref = e["valueFrom"]
+            out[e["name"]] = ("from:" + ref["fieldRef"]["fieldPath"] if "fieldRef" in ref else
+                              f"from:secret/{ref['secretKeyRef']['name']}/{ref['secretKeyRef']['key']}")
+    return out
 
 
 def validate_all(docs, where):
@@ -86,7 +95,8 @@ def test_rendered_manifests_pass_strict_schema_validation(tmp_path, gpus, with_r
     assert list(yaml.safe_load_all(k8s.to_yaml(docs))) == docs
 
 
-STATIC = sorted([*ROOT.glob("k8s/**/*.yaml"), ROOT / "mlflow_project" / "kubernetes_job_template.yaml"])
+STATIC = sorted([*(p for p in ROOT.glob("k8s/**/*.yaml") if "patches" not in p.parts),  # patches: test_k8s_docs
+                 ROOT / "mlflow_project" / "kubernetes_job_template.yaml"])
 
 
 @pytest.mark.parametrize("path", STATIC, ids=lambda p: str(p.relative_to(ROOT)))
@@ -98,7 +108,9 @@ def test_static_manifests_pass_strict_schema_validation(path):
 def test_static_manifests_are_all_there():
     names = {str(p.relative_to(ROOT)) for p in STATIC}
     assert {"k8s/job-template.yaml", "k8s/data-pvc.yaml", "k8s/mlflow/mlflow-server.yaml", "k8s/mlflow/postgres.yaml",
-            "k8s/mlflow/secret.example.yaml", "mlflow_project/kubernetes_job_template.yaml"} <= names
+            "k8s/mlflow/secret.example.yaml", "k8s/mlflow/network-policy.yaml", "k8s/mlflow/ingress.yaml",
+            "k8s/mlflow/postgres-backup.yaml", "k8s/mlflow/postgres-restore.yaml",
+            "mlflow_project/kubernetes_job_template.yaml"} <= names
 
 
 def test_schema_check_catches_what_it_should():
@@ -132,6 +144,10 @@ def test_indexed_job_has_one_completion_per_run_and_per_index_failure_handling(t
     ignore = [r for r in rules if r["action"] == "Ignore"]
     assert ignore == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
     assert not [r for r in rules if r["action"] == "FailJob"]
+    # exit 3 (the tracking server unreachable) is an ordinary retry: the first rule that matches it counts it
+    first_for_3 = next(r for r in rules if "onExitCodes" in r and 3 in r["onExitCodes"]["values"])
+    assert first_for_3["action"] == "Count" and first_for_3["onExitCodes"]["operator"] == "In"
+    assert all(2 not in r["onExitCodes"]["values"] for r in rules if r["action"] != "FailIndex" and "onExitCodes" in r)
 
 
 def test_parallelism_is_capped_at_the_number_of_runs_and_max_failed_indexes_passes_through(tmp_path):
@@ -148,7 +164,8 @@ def test_gpu_limit_present_if_and_only_if_gpus_are_asked_for(tmp_path):
     _, (_, gpu_job) = rendered(tmp_path, gpus=2)
     res = container(gpu_job)["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 2
-    assert "nvidia.com/gpu" not in res["requests"]  # GPUs are limits only; the request defaults to the limit
+    # an extended resource's request must equal its limit; given explicitly because Kueue and quotas count requests
+    assert res["requests"]["nvidia.com/gpu"] == 2
     assert res["requests"]["memory"] == res["limits"]["memory"]
     tolerations = gpu_job["spec"]["template"]["spec"]["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
@@ -353,9 +370,12 @@ def test_k8s_render_command_with_a_given_parent_run_needs_no_server(tmp_path, mo
 
 def test_k8s_render_imports_neither_torch_nor_mlflow_with_a_given_parent(tmp_path):
     hp, hr = write_search(tmp_path, ranges={"lr": [0.01, 0.003]})
+    patch = tmp_path / "patch.yaml"
+    patch.write_text(yaml.safe_dump(SHM_PATCH))
     code = ("import sys\nfrom click.testing import CliRunner\nfrom trainer.cli import main\n"
             f"r = CliRunner().invoke(main, ['k8s', 'render', {str(hp)!r}, {str(hr)!r}, '--image', 'i:1', "
-            "'--tracking-uri', 'http://m:5000', '--parent-run-id', 'p'])\n"
+            "'--tracking-uri', 'http://m:5000', '--parent-run-id', 'p', '--queue', 'q', '--gpus', '1', "
+            f"'--toleration', 'a=b:NoSchedule', '--tracking-secret', 's', '--patch', {str(patch)!r}])\n"
             "assert r.exit_code == 0, r.output\n"
             "print('HEAVY', 'torch' in sys.modules, 'mlflow' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -382,8 +402,20 @@ def test_k8s_render_with_an_unreachable_server_is_a_user_error_and_creates_nothi
     result = CliRunner().invoke(main, ["k8s", "render", str(hp), str(hr), "--image", IMAGE, "--tracking-uri",
                                        f"http://127.0.0.1:{port}"])
     assert result.exit_code == 3, result.output  # the server may come back: not a user error of the files
-    assert f"the MLflow tracking server http://127.0.0.1:{port} is unreachable" in result.output
-    assert len(result.output.strip().splitlines()) == 1 and "kind: Job" not in result.output
+    line = result.output.strip()
+    assert len(line.splitlines()) == 1 and "kind: Job" not in result.output
+    # the URI it tried, where that came from, and the two ways out
+    assert f"the MLflow tracking server http://127.0.0.1:{port} (from --tracking-uri) cannot be reached" in line
+    assert "--local-tracking-uri" in line and "--parent-run-id" in line
+    assert "MLFLOW_TRACKING_URI" not in line  # it did not come from there
+    # with --local-tracking-uri, that is the one named
+    local = CliRunner().invoke(main, ["k8s", "render", str(hp), str(hr), "--image", IMAGE, "--tracking-uri",
+                                      IN_CLUSTER_URI, "--local-tracking-uri", f"http://127.0.0.1:{port}",
+                                      "--namespace", "retina"])
+    assert local.exit_code == 3, local.output
+    assert f"http://127.0.0.1:{port} (from --local-tracking-uri) cannot be reached" in local.output
+    assert "kubectl -n retina port-forward svc/mlflow 5000:5000" in local.output
+    assert len(local.output.strip().splitlines()) == 1
 
 
 @pytest.mark.e2e
@@ -421,3 +453,377 @@ def test_k8s_render_creates_the_parent_run_on_a_real_server_and_reuses_it(tmp_pa
     assert env_of(job2)["MLFLOW_TRACKING_URI"] == IN_CLUSTER_URI
     parents = client.search_runs([exp.experiment_id], "tags.role = 'search'")
     assert [p.info.run_id for p in parents] == [parent_id]
+
+
+# --- shared clusters: queue, placement, lifetime, credentials (issue #13) ---------------------------------------
+
+SITE_VARIANTS = {
+    "kueue queue": k8s.Site(queue="lab-gpu", labels={"kueue.x-k8s.io/priority-class": "batch-low"}),
+    "labels and annotations": k8s.Site(labels={"team": "retina", "example.org/cost-centre": "cc-42"},
+                                       annotations={"example.org/contact": "alice@example.org, room 3"}),
+    "MIG GPU on chosen nodes": k8s.Site(gpu_resource="nvidia.com/mig-3g.20gb",
+                                       node_selector={"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+                                                      "nvidia.com/mig.config": "all-3g.20gb"},
+                                       tolerations=[k8s.parse_toleration("dedicated=gpu-lab:NoSchedule"),
+                                                    k8s.parse_toleration("nvidia.com/gpu:NoSchedule")]),
+    "priority, pull secret, service account": k8s.Site(priority_class="research-low",
+                                                       image_pull_secrets=["regcred", "lab-registry"],
+                                                       service_account="retina-trainer"),
+    "lifetime": k8s.Site(ttl_s=86400, active_deadline_s=7 * 86400),
+    "tracking credentials": k8s.Site(tracking_secret="mlflow-alice"),
+}
+
+
+@pytest.mark.parametrize("variant", SITE_VARIANTS, ids=list(SITE_VARIANTS))
+def test_every_site_variant_passes_strict_schema_validation(tmp_path, variant):
+    _, docs = rendered(tmp_path, gpus=1, namespace="retina", site=SITE_VARIANTS[variant])
+    validate_all(docs, variant)
+    assert list(yaml.safe_load_all(k8s.to_yaml(docs))) == docs
+
+
+def test_all_site_settings_together_pass_validation_and_the_resource_settings_reach_the_pod(tmp_path):
+    site = k8s.Site(**{k: v for s in SITE_VARIANTS.values() for k, v in vars(s).items() if v not in (None, [], {})
+                       and v != k8s.DEFAULT_GPU_RESOURCE})
+    _, docs = rendered(tmp_path, gpus=2, namespace="retina", site=site, cpu="4", cpu_limit="6", memory="16Gi",
+                       work_size="50Gi", termination_grace_s=300, pack=2, max_failed_indexes=1)
+    validate_all(docs, "everything")
+    job = docs[1]
+    res = container(job)["resources"]
+    assert res["requests"] == {"cpu": "4", "memory": "16Gi", "ephemeral-storage": "50Gi",
+                               "nvidia.com/mig-3g.20gb": 2}
+    assert res["limits"] == {"memory": "16Gi", "cpu": "6", "nvidia.com/mig-3g.20gb": 2}
+    pod = job["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 300
+    assert {"name": "work", "emptyDir": {"sizeLimit": "50Gi"}} in pod["volumes"]
+
+
+def test_queue_labels_the_job_for_kueue_and_creates_it_suspended(tmp_path):
+    _, (cm, job) = rendered(tmp_path, site=k8s.Site(queue="lab-gpu"))
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "lab-gpu"
+    assert job["spec"]["suspend"] is True  # Kueue unsuspends it on admission
+    _, (_, plain) = rendered(tmp_path)
+    assert "suspend" not in plain["spec"]
+    assert not any(k.startswith("kueue.x-k8s.io/") for k in plain["metadata"]["labels"])
+
+
+def test_labels_and_annotations_reach_the_job_and_its_pods_and_ours_win(tmp_path):
+    site = k8s.Site(labels={"team": "retina"}, annotations={"example.org/contact": "alice"})
+    s, (cm, job) = rendered(tmp_path, site=site)
+    for obj in (job, job["spec"]["template"]):
+        assert obj["metadata"]["labels"]["team"] == "retina"
+        assert obj["metadata"]["labels"]["retina-trainer/search-id"] == s.search_id
+        assert obj["metadata"]["annotations"]["example.org/contact"] == "alice"
+        assert obj["metadata"]["annotations"]["retina-trainer/parent-run-id"] == "parent123"
+
+
+def test_placement_settings_reach_the_pod_spec(tmp_path):
+    site = SITE_VARIANTS["MIG GPU on chosen nodes"]
+    _, (_, job) = rendered(tmp_path, gpus=1, site=site)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB",
+                                   "nvidia.com/mig.config": "all-3g.20gb"}
+    assert pod["tolerations"] == [  # the GPU taint once, then the site's
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+        {"key": "dedicated", "operator": "Equal", "value": "gpu-lab", "effect": "NoSchedule"}]
+    res = container(job)["resources"]
+    assert res["limits"]["nvidia.com/mig-3g.20gb"] == 1 and "nvidia.com/gpu" not in res["limits"]
+    _, (_, other) = rendered(tmp_path, site=SITE_VARIANTS["priority, pull secret, service account"])
+    pod = other["spec"]["template"]["spec"]
+    assert pod["priorityClassName"] == "research-low"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "lab-registry"}]
+    assert pod["serviceAccountName"] == "retina-trainer"
+    assert pod["automountServiceAccountToken"] is False  # the pods still get no API token
+    assert "tolerations" not in pod and "nodeSelector" not in pod
+
+
+def test_lifetime_settings_and_the_scratch_volume_request(tmp_path):
+    _, (_, job) = rendered(tmp_path, site=k8s.Site(ttl_s=3600, active_deadline_s=86400), work_size="30Gi")
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600
+    assert job["spec"]["activeDeadlineSeconds"] == 86400
+    assert container(job)["resources"]["requests"]["ephemeral-storage"] == "30Gi"  # default: the scratch size
+    _, (_, own) = rendered(tmp_path, ephemeral_storage="40Gi")
+    assert container(own)["resources"]["requests"]["ephemeral-storage"] == "40Gi"
+    _, (_, plain) = rendered(tmp_path)
+    assert "ttlSecondsAfterFinished" not in plain["spec"] and "activeDeadlineSeconds" not in plain["spec"]
+
+
+def test_pods_know_their_name_node_and_image_and_get_tracking_credentials_from_a_secret(tmp_path):
+    _, (_, job) = rendered(tmp_path, site=k8s.Site(tracking_secret="mlflow-alice"))
+    env = env_of(job)
+    assert env["POD_NAME"] == "from:metadata.name"
+    assert env["NODE_NAME"] == "from:spec.nodeName"
+    assert env["RETINA_IMAGE"] == IMAGE
+    assert env["MLFLOW_TRACKING_USERNAME"] == "from:secret/mlflow-alice/username"
+    assert env["MLFLOW_TRACKING_PASSWORD"] == "from:secret/mlflow-alice/password"
+    text = k8s.to_yaml([job])
+    assert "alice" not in text.replace("mlflow-alice", "")  # no credential is written into the manifest
+    _, (_, plain) = rendered(tmp_path)
+    assert "MLFLOW_TRACKING_USERNAME" not in env_of(plain) and "MLFLOW_TRACKING_PASSWORD" not in env_of(plain)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("nvidia.com/gpu:NoSchedule", {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}),
+    ("dedicated=gpu-lab:NoExecute", {"key": "dedicated", "operator": "Equal", "value": "gpu-lab",
+                                     "effect": "NoExecute"}),
+    ("example.org/slow=:PreferNoSchedule", {"key": "example.org/slow", "operator": "Equal", "value": "",
+                                            "effect": "PreferNoSchedule"}),
+])
+def test_toleration_syntax(text, expected):
+    assert k8s.parse_toleration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["nvidia.com/gpu", "gpu:Sometimes", ":NoSchedule", "a b:NoSchedule",
+                                  "k=v w:NoSchedule"])
+def test_bad_tolerations_are_one_line_user_errors(text):
+    with pytest.raises(UserError, match=r"--toleration .* is not key\[=value\]:effect"):
+        k8s.parse_toleration(text)
+
+
+@pytest.mark.parametrize("site, kwargs, message", [
+    (k8s.Site(queue="Lab GPU"), {}, "--queue 'Lab GPU'"),
+    (k8s.Site(labels={"bad key!": "x"}), {}, "--label bad key!=x"),
+    (k8s.Site(labels={"team": "has space"}), {}, "not a valid label value"),
+    (k8s.Site(labels={"retina-trainer/search-id": "x"}), {}, "render sets this label itself"),
+    (k8s.Site(labels={"kueue.x-k8s.io/queue-name": "q"}), {}, "use --queue"),
+    (k8s.Site(node_selector={"zone": "a b"}), {}, "--node-selector"),
+    (k8s.Site(gpu_resource="gpu"), {"gpus": 1}, "--gpu-resource 'gpu'"),
+    (k8s.Site(gpu_resource="kubernetes.io/gpu"), {"gpus": 1}, "--gpu-resource"),
+    (k8s.Site(priority_class="Low_Priority"), {}, "--priority-class"),
+    (k8s.Site(image_pull_secrets=["Reg Cred"]), {}, "--image-pull-secret"),
+    (k8s.Site(tracking_secret="MLflow"), {}, "--tracking-secret"),
+    (k8s.Site(active_deadline_s=0), {}, "--active-deadline"),
+    (k8s.Site(), {"cpu": "two"}, "--cpu 'two' is not a Kubernetes quantity"),
+    (k8s.Site(), {"work_size": "20 GB"}, "--scratch-size"),
+    (k8s.Site(), {"ephemeral_storage": "lots"}, "--ephemeral-storage"),
+    (k8s.Site(), {"termination_grace_s": -1}, "--grace-period"),
+])
+def test_bad_site_settings_are_one_line_user_errors(tmp_path, site, kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        rendered(tmp_path, site=site, **kwargs)
+    assert "\n" not in str(err.value)
+
+
+# --- --patch ----------------------------------------------------------------------------------------------------
+
+SHM_PATCH = {"spec": {"template": {"spec": {
+    "containers": [{"name": "trainer", "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                    "env": [{"name": "NCCL_DEBUG", "value": "WARN"}]}],
+    "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}}],
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "nvidia.com/gpu.memory", "operator": "Gt", "values": ["40000"]}]}]}}}}}}}
+
+
+def test_a_strategic_merge_patch_adds_to_lists_by_their_merge_keys(tmp_path):
+    _, (_, plain) = rendered(tmp_path)
+    _, (cm, job) = rendered(tmp_path, patches=[("--patch shm.yaml", "strategic", SHM_PATCH)])
+    validate_all([cm, job], "patched")
+    c = container(job)
+    assert [m["mountPath"] for m in c["volumeMounts"]] == [m["mountPath"] for m in container(plain)["volumeMounts"]] \
+        + ["/dev/shm"]  # merged by mountPath, nothing lost
+    assert env_of(job) == {**env_of(plain), "NCCL_DEBUG": "WARN"}
+    assert c["command"] == container(plain)["command"] and c["resources"] == container(plain)["resources"]
+    pod = job["spec"]["template"]["spec"]
+    assert [v["name"] for v in pod["volumes"]] == ["config", "data", "work", "tmp", "dshm"]
+    assert "nodeAffinity" in pod["affinity"]
+    # an item with a merge key already there is merged into it; $patch: delete removes one; null removes a key
+    more = {"spec": {"template": {"spec": {
+        "containers": [{"name": "trainer", "env": [{"name": "MLFLOW_HTTP_REQUEST_TIMEOUT", "value": "60"}]}],
+        "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}}],
+        "enableServiceLinks": None}}}}
+    _, (_, job2) = rendered(tmp_path, patches=[("a", "strategic", SHM_PATCH), ("b", "strategic", more)])
+    assert env_of(job2)["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "60"
+    vols = {v["name"]: v for v in job2["spec"]["template"]["spec"]["volumes"]}
+    assert vols["tmp"]["emptyDir"] == {"sizeLimit": "4Gi"} and "dshm" in vols
+    assert "enableServiceLinks" not in job2["spec"]["template"]["spec"]
+    drop = {"spec": {"template": {"spec": {"volumes": [{"name": "dshm", "$patch": "delete"}],
+                                           "containers": [{"name": "trainer", "volumeMounts": [
+                                               {"mountPath": "/dev/shm", "$patch": "delete"}]}]}}}}
+    _, (_, job3) = rendered(tmp_path, patches=[("a", "strategic", SHM_PATCH), ("c", "strategic", drop)])
+    assert job3["spec"]["template"]["spec"]["volumes"] == plain["spec"]["template"]["spec"]["volumes"]
+    # lists without a merge key are replaced whole, as Kubernetes does (tolerations)
+    tol = {"spec": {"template": {"spec": {"tolerations": [{"key": "x", "operator": "Exists"}]}}}}
+    _, (_, job4) = rendered(tmp_path, gpus=1, patches=[("t", "strategic", tol)])
+    assert job4["spec"]["template"]["spec"]["tolerations"] == [{"key": "x", "operator": "Exists"}]
+
+
+def test_a_json_merge_patch_replaces_lists_and_merges_maps(tmp_path):
+    patch = {"spec": {"backoffLimitPerIndex": 5, "template": {"metadata": {"labels": {"team": "retina"}},
+                                                               "spec": {"hostNetwork": False}}}}
+    _, (cm, job) = rendered(tmp_path, patches=[("--patch m.json", "merge", patch)])
+    validate_all([cm, job], "merge-patched")
+    assert job["spec"]["backoffLimitPerIndex"] == 5
+    assert job["spec"]["template"]["metadata"]["labels"]["team"] == "retina"
+    assert job["spec"]["template"]["metadata"]["labels"]["retina-trainer/search-id"]  # merged, not replaced
+    # a merge patch replaces a list whole: patching containers this way drops what render put there
+    with pytest.raises(UserError, match="--patch m.json changes the command of container 'trainer'"):
+        rendered(tmp_path, patches=[("--patch m.json", "merge", {"spec": {"template": {"spec": {
+            "containers": [{"name": "trainer", "image": IMAGE}]}}}})])
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"spec": {"completions": 1}}, "changes spec.completions"),
+    ({"spec": {"completionMode": "NonIndexed"}}, "changes spec.completionMode"),
+    ({"metadata": {"name": "other"}}, "changes metadata.name"),
+    ({"spec": {"template": {"spec": {"restartPolicy": "OnFailure"}}}}, "restartPolicy"),
+    ({"spec": {"template": {"spec": {"containers": [{"name": "trainer", "$patch": "delete"}]}}}},
+     "removes the container 'trainer'"),
+    ({"spec": {"template": {"spec": {"containers": [{"name": "trainer", "image": "other:1"}]}}}},
+     "changes the image of container 'trainer'"),
+    ({"spec": {"template": {"spec": {"containers": [{"name": "trainer", "env": [
+        {"name": "RETINA_PARENT_RUN_ID", "$patch": "delete"}]}]}}}}, "RETINA_PARENT_RUN_ID"),
+    ({"spec": {"template": {"spec": {"volumes": [{"name": "config", "configMap": {"name": "x"}}]}}}},
+     "'config' volume"),
+    ({"spec": {"template": {"metadata": {"labels": {"retina-trainer/search-id": None}}}}}, "labels"),
+    ({"spec": {"podFailurePolicy": {"rules": []}}}, "exit code 2"),
+])
+def test_a_patch_that_breaks_what_the_pods_rely_on_is_refused(tmp_path, patch, message):
+    with pytest.raises(UserError, match=re.escape(message)) as err:
+        rendered(tmp_path, patches=[("--patch p.yaml", "strategic", patch)])
+    assert str(err.value).startswith("--patch p.yaml ") and "\n" not in str(err.value)
+
+
+def test_render_command_with_patch_files_validates_the_result(tmp_path):
+    from trainer.launch import k8s_patch
+
+    hp, hr = write_search(tmp_path, ranges={"lr": [0.01, 0.003]})
+    base = ["k8s", "render", str(hp), str(hr), "--image", IMAGE, "--tracking-uri", IN_CLUSTER_URI,
+            "--parent-run-id", "p1"]
+    good = tmp_path / "shm.yaml"
+    good.write_text(yaml.safe_dump({"apiVersion": "batch/v1", "kind": "Job", **SHM_PATCH}))
+    ok = CliRunner().invoke(main, [*base, "--patch", str(good)])
+    assert ok.exit_code == 0, ok.output
+    cm, job = list(yaml.safe_load_all(ok.stdout))
+    assert "/dev/shm" in [m["mountPath"] for m in container(job)["volumeMounts"]]
+    validate_all([cm, job], "CLI patched")
+    # an unknown field: Kubernetes would refuse it; render says so in one line, and prints no YAML
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("spec:\n  template:\n    spec:\n      nodeSelektor: {zone: a}\n")
+    bad = CliRunner().invoke(main, [*base, "--patch", str(typo)])
+    assert bad.exit_code == 2 and "kind: Job" not in bad.output
+    assert f"--patch {typo} makes the Job invalid for Kubernetes" in bad.output and "nodeSelektor" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1
+    # files that are not a patch
+    for text, message in (("- a\n- b\n", "a patch is a mapping"), ("spec: [unclosed\n", "not valid YAML or JSON"),
+                          ("kind: Deployment\n", "not kind 'Deployment'")):
+        f = tmp_path / "p.yaml"
+        f.write_text(text)
+        res = CliRunner().invoke(main, [*base, "--patch", str(f)])
+        assert res.exit_code == 2 and message in res.output and len(res.output.strip().splitlines()) == 1, \
+            res.output
+    missing = CliRunner().invoke(main, [*base, "--patch", str(tmp_path / "nope.yaml")])
+    assert missing.exit_code == 2 and "cannot be read" in missing.output
+    # a JSON merge patch from the command line
+    mp = tmp_path / "merge.json"
+    mp.write_text(json.dumps({"spec": {"backoffLimitPerIndex": 4}}))
+    merged = CliRunner().invoke(main, [*base, "--patch", str(mp), "--patch-type", "merge"])
+    assert merged.exit_code == 0, merged.output
+    assert list(yaml.safe_load_all(merged.stdout))[1]["spec"]["backoffLimitPerIndex"] == 4
+    assert k8s_patch.PATCH_TYPES == ("strategic", "merge")
+
+
+def test_render_command_takes_every_site_option(tmp_path):
+    hp, hr = write_search(tmp_path, ranges={"lr": [0.01, 0.003]})
+    res = CliRunner().invoke(main, [
+        "k8s", "render", str(hp), str(hr), "--image", IMAGE, "--tracking-uri", IN_CLUSTER_URI,
+        "--parent-run-id", "p1", "--namespace", "retina", "--gpus", "1", "--gpu-resource", "nvidia.com/mig-1g.10gb",
+        "--queue", "lab-gpu", "--label", "team=retina", "--label", "kueue.x-k8s.io/priority-class=low",
+        "--annotation", "example.org/contact=alice", "--node-selector", "nvidia.com/mig.config=all-1g.10gb",
+        "--toleration", "dedicated=gpu-lab:NoSchedule", "--priority-class", "research-low",
+        "--image-pull-secret", "regcred", "--service-account", "trainer", "--ttl", "3600",
+        "--active-deadline", "86400", "--cpu", "1", "--cpu-limit", "2", "--memory", "4Gi",
+        "--scratch-size", "10Gi", "--ephemeral-storage", "12Gi", "--grace-period", "60",
+        "--tracking-secret", "mlflow-alice"])
+    assert res.exit_code == 0, res.output
+    cm, job = list(yaml.safe_load_all(res.stdout))
+    validate_all([cm, job], "every option")
+    pod = job["spec"]["template"]["spec"]
+    c = container(job)
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "lab-gpu" and job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "low"
+    assert pod["nodeSelector"] == {"nvidia.com/mig.config": "all-1g.10gb"}
+    assert pod["priorityClassName"] == "research-low" and pod["serviceAccountName"] == "trainer"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}] and pod["terminationGracePeriodSeconds"] == 60
+    assert {"key": "dedicated", "operator": "Equal", "value": "gpu-lab", "effect": "NoSchedule"} in pod["tolerations"]
+    assert c["resources"] == {"requests": {"cpu": "1", "memory": "4Gi", "ephemeral-storage": "12Gi",
+                                           "nvidia.com/mig-1g.10gb": 1},
+                              "limits": {"memory": "4Gi", "cpu": "2", "nvidia.com/mig-1g.10gb": 1}}
+    assert job["spec"]["ttlSecondsAfterFinished"] == 3600 and job["spec"]["activeDeadlineSeconds"] == 86400
+    assert env_of(job)["MLFLOW_TRACKING_USERNAME"] == "from:secret/mlflow-alice/username"
+    assert "Kueue queue 'lab-gpu'" in res.stderr
+    for args, message in ((["--label", "team"], "--label 'team' is not KEY=VALUE"),
+                          (["--label", "a=1", "--label", "a=2"], "--label a is given twice"),
+                          (["--toleration", "gpu"], "--toleration 'gpu'")):
+        bad = CliRunner().invoke(main, ["k8s", "render", str(hp), str(hr), "--image", IMAGE, "--tracking-uri",
+                                        IN_CLUSTER_URI, "--parent-run-id", "p1", *args])
+        assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) == 1, \
+            bad.output
+
+
+# --- the tracking server's manifests: who may connect, backups, pinned images -----------------------------------
+
+def _docs(path: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((ROOT / path).read_text()) if d]
+
+
+def _matches(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def test_network_policies_admit_the_training_pods_and_the_database_clients_only(tmp_path):
+    policies = {d["metadata"]["name"]: d for d in _docs("k8s/mlflow/network-policy.yaml")}
+    server = next(d for d in _docs("k8s/mlflow/mlflow-server.yaml") if d["kind"] == "Deployment")
+    server_labels = server["spec"]["template"]["metadata"]["labels"]
+    pg = next(d for d in _docs("k8s/mlflow/postgres.yaml") if d["kind"] == "StatefulSet")
+    pg_labels = pg["spec"]["template"]["metadata"]["labels"]
+    _, (_, job) = rendered(tmp_path, site=k8s.Site(labels={"team": "retina"}))
+    pod_labels = job["spec"]["template"]["metadata"]["labels"]
+    backup = _docs("k8s/mlflow/postgres-backup.yaml")[1]["spec"]["jobTemplate"]["spec"]["template"]
+    restore = _docs("k8s/mlflow/postgres-restore.yaml")[0]["spec"]["template"]
+
+    mlflow = policies["mlflow"]["spec"]
+    assert _matches(mlflow["podSelector"], server_labels) and mlflow["policyTypes"] == ["Ingress"]
+    same_namespace = [f for rule in mlflow["ingress"] for f in rule["from"] if "namespaceSelector" not in f]
+    assert len(same_namespace) == 1 and _matches(same_namespace[0]["podSelector"], pod_labels)
+    assert not _matches(same_namespace[0]["podSelector"], {**pod_labels, "app.kubernetes.io/component": "search"})
+    assert all(p["port"] == 5000 for rule in mlflow["ingress"] for p in rule["ports"])
+
+    postgres = policies["postgres"]["spec"]
+    assert _matches(postgres["podSelector"], pg_labels)
+    sources = [f["podSelector"] for rule in postgres["ingress"] for f in rule["from"]]
+    for labels_ in (server_labels, backup["metadata"]["labels"], restore["metadata"]["labels"]):
+        assert any(_matches(s, labels_) for s in sources), labels_
+    assert not any(_matches(s, pod_labels) for s in sources)  # training pods never talk to the database
+    assert [p["port"] for rule in postgres["ingress"] for p in rule["ports"]] == [5432]
+
+
+def test_backups_dump_to_a_volume_and_the_restore_reads_them():
+    pvc, cron = _docs("k8s/mlflow/postgres-backup.yaml")
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    script = pod["containers"][0]["command"][-1]
+    assert "pg_dump --format=custom" in script and 'mv "$out.partial" "$out"' in script  # whole files only
+    mounts = {m["mountPath"]: m["name"] for m in pod["containers"][0]["volumeMounts"]}
+    claim = next(v for v in pod["volumes"] if v["name"] == mounts["/backups"])["persistentVolumeClaim"]
+    assert claim["claimName"] == pvc["metadata"]["name"]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "POSTGRES_PASSWORD"}
+    restore = _docs("k8s/mlflow/postgres-restore.yaml")[0]["spec"]["template"]["spec"]
+    assert "pg_restore --clean --if-exists" in restore["containers"][0]["command"][-1]
+    assert restore["volumes"][0]["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+
+
+def test_images_of_the_manifests_are_pinned_and_say_how_to_pin_a_digest():
+    images = {}
+    for path in sorted(ROOT.glob("k8s/mlflow/*.yaml")):
+        for doc in _docs(str(path.relative_to(ROOT))):
+            text = json.dumps(doc)
+            for image in re.findall(r'"image": "([^"]+)"', text):
+                images.setdefault(image, []).append(path.name)
+    assert images, "no images found"
+    for image, files in images.items():
+        name, _, tag = image.rpartition(":")
+        assert name and re.fullmatch(r"\d+(\.\d+)+", tag.split("@")[0]), f"{image} in {files}: not a pinned version"
+    assert {i.split(":")[0] for i in images} == {"postgres", "registry.example.com/retina-mlflow-server"}
+    assert len({i for i in images if i.startswith("postgres:")}) == 1  # backup and restore match the server
+    for name in ("postgres.yaml", "mlflow-server.yaml", "postgres-backup.yaml", "postgres-restore.yaml"):
+        assert "@sha256:<digest>" in (ROOT / "k8s" / "mlflow" / name).read_text(), name

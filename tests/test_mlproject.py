@@ -36,12 +36,16 @@ def argv_of(command: str, cwd: Path, env: dict[str, str]) -> list[str]:
     return [line[4:] for line in out.stdout.splitlines() if line.startswith("ARG:")]
 
 
+GRID = ["--strategy", "grid", "--prune", "none", "--no-progress"]
+
+
 @pytest.mark.parametrize("params, expected_tail", [
-    ({}, ["--pack", "1", "--no-progress"]),
-    ({"hyperranges": "HR"}, ["HR", "--pack", "1", "--no-progress"]),
-    ({"data_root": "/my data"}, ["--data-root", "/my data", "--pack", "1", "--no-progress"]),
-    ({"hyperranges": "HR", "data_root": "/d", "pack": "8"}, ["HR", "--data-root", "/d", "--pack", "8",
-                                                             "--no-progress"]),
+    ({}, ["--pack", "1", *GRID]),
+    ({"hyperranges": "HR"}, ["HR", "--pack", "1", *GRID]),
+    ({"data_root": "/my data"}, ["--data-root", "/my data", "--pack", "1", *GRID]),
+    ({"hyperranges": "HR", "data_root": "/d", "pack": "8"}, ["HR", "--data-root", "/d", "--pack", "8", *GRID]),
+    ({"hyperranges": "HR", "strategy": "tpe", "trials": "60", "prune": "asha"},
+     ["HR", "--trials", "60", "--pack", "1", "--strategy", "tpe", "--prune", "asha", "--no-progress"]),
 ])
 def test_root_project_passes_optional_parameters_only_when_given(tmp_path, params, expected_tail):
     (tmp_path / "hp.json").write_text("{}")
@@ -115,7 +119,7 @@ def test_mlflow_run_makes_the_project_run_the_parent_of_the_search(tmp_path, dat
     assert parent.data.tags["role"] == "search"
     assert parent.data.tags["mlflow.project.entryPoint"] == "main"
     # the project's params as MLflow logged them, never re-logged by the trainer
-    assert set(parent.data.params) == {"hyperparams", "hyperranges", "data_root", "pack"}
+    assert set(parent.data.params) == {"hyperparams", "hyperranges", "data_root", "pack", "strategy", "trials", "prune"}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(children) == 2 and len(runs) == 3
     assert sorted(c.data.params["lr"] for c in children) == ["0.003", "0.01"]

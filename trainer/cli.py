@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from trainer import __version__, config
-from trainer.errors import RunsFailed, Terminated, UserError
+from trainer.errors import ConfigError, RunsFailed, Terminated, UserError
 
 
 class Main(click.Group):
@@ -180,9 +180,30 @@ def expand(hyperparams: str, hyperranges: str | None, as_json: bool, pack: int) 
               help="Train up to K runs at a time in one process on one batch stream, when they differ only in "
                    "optimiser settings, stopping rule and seed (e.g. lr x l2 x repeats). Each keeps its own "
                    "initial weights, optimizer, early stopping, checkpoints and MLflow run.")
+@click.option("--strategy", type=click.Choice(["grid", "random", "tpe"]), default="grid", show_default=True,
+              envvar="RETINA_STRATEGY", show_envvar=True,
+              help="grid: every combination of hyperranges.json. random, tpe: --trials configurations sampled by "
+                   "Optuna (tpe learns which region is good); hyperranges may then give number ranges "
+                   "({\"low\": 1e-4, \"high\": 1e-2, \"log\": true}).")
+@click.option("--trials", type=click.IntRange(min=1), default=None, envvar="RETINA_TRIALS", show_envvar=True,
+              help="How many configurations a sampled strategy trains (the total over reruns and workers).")
+@click.option("--prune", type=click.Choice(["none", "median", "asha", "hyperband"]), default="none",
+              show_default=True, envvar="RETINA_PRUNE", show_envvar=True,
+              help="Stop hopeless trials early on their per-epoch validation r (sampled strategies): median of the "
+                   "other trials at the same epoch, ASHA (rungs at 1, 3, 9 ... epochs) or Hyperband. A pruned run "
+                   "is FINISHED, tagged pruned, with its best checkpoint so far.")
+@click.option("--sampler-seed", type=int, default=None,
+              help="Seed of the sampler (default: seed in hyperparams.json); part of the study's identity.")
+@click.option("--study-storage", default=None, envvar="RETINA_STUDY_STORAGE", show_envvar=True, metavar="URL",
+              help="Optuna storage of a sampled strategy's study (an SQLAlchemy URL); default: optuna.db beside a "
+                   "local MLflow store, else in the working folder. Workers that share it share the study.")
+@click.option("--parent-run-id", envvar="RETINA_PARENT_RUN_ID", default=None, show_envvar=True,
+              help="Attach the trials to this parent run (a Kubernetes worker of `k8s render --strategy`); "
+                   "sampled strategies only.")
 @PLOTS_OPTION
 def search(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool, pack: int,
-           plots: bool) -> None:
+           strategy: str, trials: int | None, prune: str, sampler_seed: int | None, study_storage: str | None,
+           parent_run_id: str | None, plots: bool) -> None:
     """Train every run of a search and log each to MLflow as a child of one search run.
 
     Logs to $MLFLOW_TRACKING_URI when set, else to the embedded store in the working directory (open it with
@@ -193,7 +214,19 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
     and device; no prune, retinotopic_loop or compile) train K at a time as one vectorised model: on a GPU this
     keeps the device busy with small models. Packed runs share the batch order and the noise layers' random
     stream; otherwise each trains as it would alone.
+
+    With --strategy random or tpe, an Optuna study samples --trials configurations (see docs/adaptive-search.md);
+    rerunning the same command resumes the study, and processes given the same --study-storage share it.
     """
+    if strategy != "grid":
+        _search_sampled(hyperparams, hyperranges, data_root, progress, pack, strategy, trials, prune, sampler_seed,
+                        study_storage, parent_run_id, plots)
+        return
+    given = [f"--{n}" for n, v in (("trials", trials), ("prune", prune != "none"), ("sampler-seed", sampler_seed),
+                                   ("parent-run-id", parent_run_id)) if v]
+    if given:
+        raise ConfigError(f"{', '.join(given)} apply to the sampled strategies; add --strategy tpe (or random), or "
+                          "leave them out for a grid search")
     from trainer.search import expand as do_expand
 
     s = do_expand(hyperparams, hyperranges)
@@ -213,6 +246,35 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
     if outcome.failed:
         raise RunsFailed(f"{len(outcome.failed)} of {len(outcome.runs)} runs did not finish: "
                         + ", ".join(f"run {r.spec.index} ({r.error or r.status})" for r in outcome.failed))
+
+
+def _search_sampled(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool, pack: int,
+                    strategy: str, trials: int | None, prune: str, sampler_seed: int | None,
+                    study_storage: str | None, parent_run_id: str | None, plots: bool) -> None:
+    """`search --strategy random|tpe`: this process is one worker of the plan's Optuna study."""
+    from trainer.launch import adaptive
+
+    if pack > 1:
+        raise ConfigError("--pack applies to --strategy grid only: a sampled strategy trains one trial at a time "
+                          "(its pruner judges each run's epochs); leave out --pack or use --strategy grid")
+    plan = adaptive.plan(hyperparams, hyperranges, strategy, trials, prune, sampler_seed)
+    _warn(list(plan.warnings))
+    files = {"hyperparams.json": config.read_json(hyperparams, "hyperparams")}
+    if hyperranges:
+        files["hyperranges.json"] = config.read_json(hyperranges, "hyperranges")
+    _work_where_mlflow_run_was_called()
+
+    from trainer.launch.local import summary_table
+
+    _on_sigterm()
+    outcome = adaptive.run_study(plan, data_root=data_root, echo=lambda m: click.echo(m, err=True),
+                                 progress=progress, plots=plots, storage=study_storage, parent_id=parent_run_id,
+                                 files=files)
+    click.echo(summary_table(outcome))
+    click.echo(f"parent run {outcome.parent_run_id} in {outcome.tracking_uri}")
+    if outcome.failed:
+        raise RunsFailed(f"{len(outcome.failed)} of {len(outcome.runs)} trials did not finish: "
+                        + ", ".join(f"trial {r.spec.index} ({r.error or r.status})" for r in outcome.failed))
 
 
 @main.command("run-index")

@@ -515,14 +515,80 @@ def load_hyperparams(path: str | Path) -> Loaded:
     return parse_hyperparams(read_json(path, "hyperparams"), str(path))
 
 
-def parse_hyperranges(raw: dict[str, Any], where: str) -> Loaded:
-    """Validate a hyperranges object: each key maps to a non-empty list of values to search over."""
-    ranges: dict[str, list[Any]] = {}
+@dataclass(frozen=True)
+class Range:
+    """A numeric range to sample from (`{"low": 1e-4, "high": 1e-2, "log": true}`, `{"low": 4, "high": 16,
+    "step": 4}`): hyperranges.json's second form, which only the sampled strategies (random, tpe) take."""
+
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = None
+    integer: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"low": self.low, "high": self.high}
+        if self.log:
+            out["log"] = True
+        if self.step is not None:
+            out["step"] = self.step
+        return out
+
+
+RANGE_KEYS = frozenset({"low", "high", "log", "step"})
+
+
+def _range(p: Param, key: str, spec: dict[str, Any], where: str) -> Range:
+    """A range form of key `key`, checked: a number key, low < high, both ends valid values, log with low > 0 and no
+    step, a positive step (an integer one for integer keys)."""
+    at = f"{where}: key '{key}'"
+    extra = set(spec) - RANGE_KEYS
+    if extra or "low" not in spec or "high" not in spec:
+        raise ConfigError(f"{at}: a range is {{\"low\": L, \"high\": H}} with optional \"log\": true or "
+                          f"\"step\": S, got {_short(spec)}")
+    if p.kind not in ("int", "float"):
+        raise ConfigError(f"{at}: {p.name} is not a number, so it takes a list of values to try, not a range")
+    low, high = (_coerce(p, spec[end], f"{at} {end}") for end in ("low", "high"))
+    for end, v in (("low", low), ("high", high)):
+        bad = p.check(v) if p.check else None
+        if bad:
+            raise ConfigError(f"{at}: {end} {v!r} {bad}")
+    if not low < high:
+        raise ConfigError(f"{at}: low must be below high, got low {low!r}, high {high!r}")
+    log, step = spec.get("log", False), spec.get("step")
+    if not isinstance(log, bool):
+        raise ConfigError(f"{at}: log must be true or false, got {_short(log)}")
+    if log and low <= 0:
+        raise ConfigError(f"{at}: a log range needs low > 0, got {low!r}")
+    if step is not None:
+        if log:
+            raise ConfigError(f"{at}: a range takes log or step, not both")
+        if isinstance(step, bool) or not isinstance(step, (int, float)) or not step > 0 or \
+                (p.kind == "int" and not isinstance(step, int)):
+            kind = "a positive integer" if p.kind == "int" else "a positive number"
+            raise ConfigError(f"{at}: step must be {kind}, got {_short(step)}")
+    return Range(low, high, log, step, integer=p.kind == "int")
+
+
+def parse_hyperranges(raw: dict[str, Any], where: str, ranges_ok: bool = False) -> Loaded:
+    """Validate a hyperranges object: each key maps to a non-empty list of values to search over or, with
+    `ranges_ok` (the sampled strategies), a numeric key to a `Range`."""
+    ranges: dict[str, list[Any] | Range] = {}
     source: dict[str, str] = {}
     ignored: list[str] = []
     notes: list[str] = []
     for key, options in raw.items():
         name, convert = _resolve_key(key, where)
+        if isinstance(options, dict) and name is not None and name not in NOT_SEARCHABLE:
+            if not ranges_ok:
+                raise ConfigError(f"{where}: key '{key}' gives a range ({_short(options)}), which only the sampled "
+                                  "strategies take (search --strategy random or tpe); for the grid, list the values "
+                                  "to try")
+            if convert is not None:
+                raise ConfigError(f"{where}: key '{key}' is the original's name of {name}; give the range as '{name}'")
+            if _set(name, key, source, where, notes):
+                ranges[name] = _range(BY_NAME[name], key, options, where)
+            continue
         if not isinstance(options, list) or not options:
             raise ConfigError(f"{where}: key '{key}' must be a non-empty list of values to try, "
                               f"got {_short(options)}")
@@ -546,11 +612,11 @@ def parse_hyperranges(raw: dict[str, Any], where: str) -> Loaded:
     return Loaded(ranges, _notes(where, ignored, notes))
 
 
-def load_hyperranges(path: str | Path | None) -> Loaded:
+def load_hyperranges(path: str | Path | None, ranges_ok: bool = False) -> Loaded:
     """Read and validate hyperranges.json (see parse_hyperranges); no file means no ranges."""
     if path is None:
         return Loaded({})
-    return parse_hyperranges(read_json(path, "hyperranges"), str(path))
+    return parse_hyperranges(read_json(path, "hyperranges"), str(path), ranges_ok)
 
 
 def resolve(values: dict[str, Any]) -> dict[str, Any]:

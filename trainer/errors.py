@@ -24,6 +24,15 @@ class DataError(UserError):
     """A recording is missing or malformed."""
 
 
+class AccessRefused(UserError):
+    """The MLflow tracking server refused the request's credentials (error_code UNAUTHENTICATED, 401) or its user
+    (PERMISSION_DENIED, 403); the code is kept so a caller can reword the line with where the address came from."""
+
+    def __init__(self, message: str, error_code: str):
+        super().__init__(message)
+        self.error_code = error_code
+
+
 class TrackingUnavailable(UserError):
     """The MLflow tracking server could not be reached: training stops, the local checkpoints stay, a rerun resumes."""
 

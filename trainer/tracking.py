@@ -39,7 +39,7 @@ from mlflow.entities import Metric, Param, RunStatus, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from trainer.errors import TrackingUnavailable, UserError  # noqa: E402
+from trainer.errors import AccessRefused, TrackingUnavailable, UserError  # noqa: E402
 
 # Tags that identify what a run is; filters in the MLflow UI use them (e.g. tags.config_id = '...').
 ROLE, SEARCH_ID, CONFIG_ID, INDEX = "role", "search_id", "config_id", "run_index"
@@ -308,6 +308,23 @@ def _unreachable(exc: BaseException) -> bool:
                                                  or bool(re.search(r"failed with error code 5\d\d", text)))
 
 
+def _refused(exc: BaseException, uri: str) -> str | None:
+    """The one line for a server that refuses the request's credentials (401) or its user (403), else None."""
+    code, user = getattr(exc, "error_code", None), os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if code == "UNAUTHENTICATED":
+        if user:
+            return (f"the MLflow tracking server {uri} refused the credentials of user '{user}' (401 not "
+                    "authenticated): check MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (in a pod: the "
+                    "Secret of `k8s render --tracking-secret`)")
+        return (f"the MLflow tracking server {uri} asks for credentials (401 not authenticated): set "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (in a pod: `k8s render --tracking-secret "
+                "SECRET`)")
+    if code == "PERMISSION_DENIED":
+        return (f"the MLflow tracking server {uri} does not let user '{user or '(none)'}' do this (403 permission "
+                "denied); ask the experiment's owner or an admin for EDIT permission on it")
+    return None
+
+
 class GuardedClient:
     """An MlflowClient whose calls raise TrackingUnavailable (one line) when the server cannot be reached."""
 
@@ -327,6 +344,9 @@ class GuardedClient:
                     first = " ".join(str(exc).split())[:160]
                     raise TrackingUnavailable(f"the MLflow tracking server {self._uri} is unreachable ({first})") \
                         from None
+                refused = _refused(exc, self._uri)
+                if refused:
+                    raise AccessRefused(refused, exc.error_code) from None
                 raise
 
         return call
@@ -375,17 +395,21 @@ def _check_local_store(uri: str) -> None:
 class Tracker:
     """One experiment in one tracking store: parent runs for searches, child runs for their runs."""
 
-    def __init__(self, exp_name: str):
+    def __init__(self, exp_name: str, create: bool = True):
         self.uri = mlflow.get_tracking_uri()
         _check_local_store(self.uri)
         with _store_setup_lock(self.uri):  # the client sets up a new store's tables
             self.client = GuardedClient(MlflowClient(), self.uri)
-            self._open_experiment(exp_name)
+            self._open_experiment(exp_name, create)
         self.heartbeat = Heartbeat(self.client)
 
-    def _open_experiment(self, exp_name: str) -> None:
+    def _open_experiment(self, exp_name: str, create: bool) -> None:
         try:
             exp = self.client.get_experiment_by_name(exp_name)
+            if exp is None and not create:
+                raise UserError(f"no experiment '{exp_name}' in the MLflow tracking store {self.uri}: render the "
+                                "search against this server first (retina-trainer k8s render), or check the "
+                                "tracking URI")
             if exp is None:
                 try:
                     self.experiment_id = self.client.create_experiment(exp_name, tags={EXPERIMENT_KIND: MODEL_TRAINING})

@@ -36,6 +36,9 @@ from trainer.training.trainer import FitResult, Trainer, as_rates, check_trainab
 Echo = Callable[[str], None]
 
 
+PRUNED_TAG = "pruned"  # tag of a run an adaptive search's pruner ended early (trainer/launch/adaptive.py)
+
+
 @dataclass
 class RunOutcome:
     """How one run of the search ended, for the summary table."""
@@ -48,6 +51,8 @@ class RunOutcome:
     best_epoch: int = 0
     error: str = ""
     user_error: bool = False  # the failure is one a retry cannot fix (bad input, diverged training)
+    epochs_run: int = 0
+    pruned_epoch: int = 0  # ended by an adaptive search's pruner after this epoch (the run is FINISHED)
 
 
 @dataclass
@@ -290,7 +295,8 @@ def _open_run(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, ec
 
 
 def _build(m: _Member, data: DataBundle, device: torch.device, echo: Echo,
-           on_epoch: Callable[[int, dict[str, float]], None] | None) -> Trainer:
+           on_epoch: Callable[[int, dict[str, float]], None] | None,
+           stop_check: Callable[[int, dict[str, float]], bool] | None = None) -> Trainer:
     """The member's model (seeded by its own seed, so its initial weights are those of the run alone) and Trainer;
     epochs it had checkpointed but not logged before an interruption are logged now."""
     spec, cfg = m.spec, m.spec.config
@@ -308,7 +314,7 @@ def _build(m: _Member, data: DataBundle, device: torch.device, echo: Echo,
             if row["epoch"] not in logged:
                 m.log.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
         echo(f"run {spec.index} {spec.name}: resuming after epoch {m.resume['epoch']}")
-    return Trainer(model, data, cfg, m.folder, device, reporter=m.log, on_epoch=on_epoch)
+    return Trainer(model, data, cfg, m.folder, device, reporter=m.log, on_epoch=on_epoch, stop_check=stop_check)
 
 
 def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: bool = True) -> None:
@@ -317,6 +323,10 @@ def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: 
     summary = {"best_val_pearson": result.best_val_pearson, "best_epoch": result.best_epoch,
                "test_pearson_at_best": result.test_pearson_at_best, "epochs_run": result.epochs_run,
                "stopped_early": float(result.stopped_early)}
+    if result.pruned_epoch:  # an adaptive search's pruner ended it: FINISHED, with its best checkpoint so far
+        summary["pruned_epoch"] = result.pruned_epoch
+        m.log.set_tag(PRUNED_TAG, f"pruned after epoch {result.pruned_epoch} of {m.spec.config['n_epochs']} by the "
+                                  "search's pruner (its validation r was behind the other trials')")
     m.log.log_metrics(summary, step=result.epochs_run, once=True)
     _evaluate_best(m, data, result.history, echo, plots)
     from trainer.inference import LoadedModel
@@ -329,6 +339,7 @@ def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: 
     m.outcome.status = "FINISHED"
     m.outcome.best_val_pearson, m.outcome.test_pearson = result.best_val_pearson, result.test_pearson_at_best
     m.outcome.best_epoch = result.best_epoch
+    m.outcome.epochs_run, m.outcome.pruned_epoch = result.epochs_run, result.pruned_epoch
 
 
 def _fail(m: _Member, exc: BaseException, echo: Echo, tb: str | None = None) -> None:
@@ -367,12 +378,16 @@ def execute(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, path
 
 def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracker: Any,
                  path: Path, cache: DataCache, echo: Echo, progress: bool = True,
-                 plots: bool = True, wait: bool = False) -> list[RunOutcome]:
+                 plots: bool = True, wait: bool = False,
+                 stop_check: Callable[[int, dict[str, float]], bool] | None = None) -> list[RunOutcome]:
     """Train a group of runs that share recording and architecture (or resume them), each logged as a child of
     `parent_id`: one run alone with its own Trainer, several packed on one batch stream (trainer/training/packed.py).
     A failing run ends FAILED and the others go on; Ctrl-C or SIGTERM ends the unfinished ones KILLED and
     propagates. Never raises for a failed run. With `plots` false, the final evaluation logs its scores and
-    table but no plots. Runs finished or trained by another process meanwhile are left out (see _open_run)."""
+    table but no plots. Runs finished or trained by another process meanwhile are left out (see _open_run).
+    `stop_check` (one run only: an adaptive search's trial) is asked after each epoch whether to end the run there."""
+    if stop_check is not None and len(specs) != 1:
+        raise ValueError("stop_check applies to a group of one run")
     opened = [_open_run(s, search_id=search_id, parent_id=parent_id, tracker=tracker, echo=echo, wait=wait)
               for s in specs]
     members = [m for m in opened if isinstance(m, _Member)]
@@ -417,7 +432,7 @@ def execute_pack(specs: list[RunSpec], *, search_id: str, parent_id: str, tracke
         for m in members:
             try:
                 m.trainer = _build(m, data, device, echo, epoch_line(m.spec) if bar is None else
-                                   on_epoch if len(members) == 1 else None)
+                                   on_epoch if len(members) == 1 else None, stop_check)
             except (UserError, RuntimeError, ValueError) as exc:  # this run's settings; the others may be fine
                 _fail(m, exc, echo)
         live = [m for m in members if not m.ended]
@@ -473,7 +488,8 @@ def _skipped(spec: RunSpec, done: Any, echo: Echo) -> RunOutcome:
     echo(f"run {spec.index} {spec.name}: already FINISHED as {done.run_id}, skipped")
     m = done.metrics
     return RunOutcome(spec, "SKIPPED", run_id=done.run_id, best_val_pearson=m.get("best_val_pearson", math.nan),
-                      test_pearson=m.get("test_pearson_at_best", math.nan), best_epoch=int(m.get("best_epoch", 0)))
+                      test_pearson=m.get("test_pearson_at_best", math.nan), best_epoch=int(m.get("best_epoch", 0)),
+                      epochs_run=int(m.get("epochs_run", 0)), pruned_epoch=int(m.get("pruned_epoch", 0)))
 
 
 def _evaluate_best(m: _Member, data: DataBundle, history: list[dict[str, float]], echo: Echo,

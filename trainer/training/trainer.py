@@ -63,6 +63,7 @@ class FitResult:
     test_pearson_at_best: float
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
+    pruned_epoch: int = 0  # the epoch after which `stop_check` (an adaptive search's pruner) ended the run, or 0
 
 
 def exp_at_eval(cfg: dict[str, Any]) -> bool:
@@ -164,7 +165,8 @@ class Trainer:
 
     def __init__(self, model: nn.Module, data: DataBundle, cfg: dict[str, Any], run_dir: Path,
                  device: torch.device, reporter: Reporter | None = None,
-                 on_epoch: Callable[[int, dict[str, float]], None] | None = None):
+                 on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                 stop_check: Callable[[int, dict[str, float]], bool] | None = None):
         self.model = model.to(device)
         self.data = data
         self.cfg = cfg
@@ -172,6 +174,8 @@ class Trainer:
         self.device = device
         self.reporter = reporter or NullReporter()
         self.on_epoch = on_epoch
+        # After each normal epoch (checkpointed and reported): True ends the run there (an adaptive search's pruner)
+        self.stop_check = stop_check
         self.loss_fn = make_loss(cfg)
         # The module that computes outputs: compiled when asked; self.model keeps the parameters and state_dict.
         self.forward: Callable[[torch.Tensor], torch.Tensor] = torch.compile(self.model) if cfg["compile"] \
@@ -296,6 +300,7 @@ class Trainer:
         self.history: list[dict[str, float]] = []
         self.best_epoch, self.best_r, self.best_test = 0, -math.inf, math.nan
         self.epoch, self.done, self._pruning = 0, False, False
+        self.pruned_epoch, self._replayed = 0, False
         if resume is not None:
             self.model.load_state_dict(resume["model"])
             self.optimizer.load_state_dict(resume["optimizer"])
@@ -349,8 +354,17 @@ class Trainer:
         self.reporter.epoch(epoch, metrics)
         if self.on_epoch is not None:
             self.on_epoch(epoch, metrics)
+        stop = False
+        if not pruning and self.stop_check is not None:  # called every normal epoch
+            if not self._replayed:  # first, after a resume, the epochs before it (their answers do not count)
+                self._replayed = True
+                for row in self.history[:-1]:
+                    self.stop_check(int(row["epoch"]), row)
+            stop = self.stop_check(epoch, metrics)
         if normal_over and pruner is None:
             self.done = True
+        elif stop and not normal_over:
+            self.done, self.pruned_epoch = True, epoch
 
     def result(self) -> FitResult:
         """What the run achieved (and, after pruning, pruning.json written and reported)."""
@@ -361,7 +375,7 @@ class Trainer:
             self._write_pruning_report()
         return FitResult(epochs_run=self.epoch, best_epoch=self.best_epoch, best_val_pearson=self.best_r,
                          test_pearson_at_best=self.best_test, stopped_early=normal_epochs < n_epochs,
-                         history=self.history)
+                         history=self.history, pruned_epoch=self.pruned_epoch)
 
     def _epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch with the selected loop, score validation and test, step the scheduler: the metrics."""
