@@ -110,6 +110,7 @@ def _fake_kubectl(folder: Path, rc: int = 0) -> Path:
     return script
 
 
+@pytest.mark.slow
 def test_finish_of_a_complete_search_ends_finished_and_deletes_its_objects(tmp_path, data_root, mlflow_server,
                                                                           monkeypatch):
     hp, hr = make_search(tmp_path, "finish_done", {"n_epochs": 1}, {"lr": [0.01, 0.003]})

@@ -101,6 +101,7 @@ def _count(pg: dict, table: str) -> int:
         return cur.fetchone()[0]
 
 
+@pytest.mark.slow
 def test_server_on_postgresql_then_backup_and_restore(postgres, tmp_path):
     folder = tmp_path / "server"
     (folder / "auth").mkdir(parents=True)
