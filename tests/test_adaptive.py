@@ -143,6 +143,50 @@ def test_what_counts_against_the_trial_budget():
     assert adaptive.counted(study, before=3) == 3
 
 
+def _running_trial(study, owner, epochs=(1,)):
+    trial = study.ask()
+    trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+    trial.set_user_attr("owner", owner)
+    for e in epochs:
+        trial.report(0.1 * e, e)
+    return trial
+
+
+def test_an_interrupted_trial_is_enqueued_again_with_its_values_and_epochs():
+    study = optuna.create_study(direction="maximize")
+    trial = _running_trial(study, "me", epochs=(1, 2))
+    adaptive._interrupted(study, trial)
+    [failed, retry] = study.get_trials()
+    assert failed.state.name == "FAIL" and failed.user_attrs["outcome"] == "interrupted"
+    assert retry.state.name == "WAITING" and retry.params == failed.params
+    assert retry.intermediate_values == {1: 0.1, 2: 0.2}
+    assert retry.system_attrs["failed_trial"] == failed.number
+    assert adaptive.counted(study) == 1  # the retry counts in place of the interrupted trial
+
+
+def test_reclaim_takes_back_trials_of_dead_processes_of_this_host_only(tmp_path):
+    import socket
+
+    from trainer.tracking import _OWNER
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    study = optuna.create_study(direction="maximize", storage=f"sqlite:///{tmp_path / 's.db'}")
+    gone = _running_trial(study, f"{host}:{dead.pid}:1")
+    elsewhere = _running_trial(study, "another-host:1:1")  # left to its heartbeat
+    mine = _running_trial(study, _OWNER)
+    said = []
+    adaptive.reclaim(study, said.append)
+    states = {t.number: t.state.name for t in study.get_trials()}
+    assert states[gone.number] == "FAIL" and states[elsewhere.number] == states[mine.number] == "RUNNING"
+    [retry] = [t for t in study.get_trials() if t.state.name == "WAITING"]
+    assert retry.params == study.get_trials()[gone.number].params and retry.intermediate_values == {1: 0.1}
+    assert said == [f"trial {gone.number}: its process is gone; it resumes as a new trial with the same values"]
+    adaptive.reclaim(study, said.append)  # a second look changes nothing
+    assert len(study.get_trials()) == 4 and len(said) == 1
+
+
 # ---- end to end: real runs, a real MLflow server, a shared SQLite study -------------------------------------------
 
 
@@ -250,9 +294,12 @@ def test_workers_share_a_study_a_killed_workers_trial_resumes_and_a_rerun_extend
     assert again.returncode == 0, again.stderr[-3000:]
     assert "(4 counted already)" in again.stderr and not re.search(r"^trial \d+:", again.stderr, flags=re.M)
     assert len(children(client, "ad_workers")[1]) == 4
-    more = cli([*args[:-3], "5", "--study-storage", storage], tmp_path, mlflow_server)
+    more = cli([a for a in args[:-3] if a != "--no-plots"] + ["5", "--study-storage", storage], tmp_path,
+               mlflow_server)
     assert more.returncode == 0, more.stderr[-3000:]
     assert len(children(client, "ad_workers")[1]) == 5
+    plots = {a.path for a in client.list_artifacts(parents[0].info.run_id, "plots")}
+    assert {"plots/optimization_history.png", "plots/param_importances.png"} <= plots
     best = max(r.data.metrics["best_val_pearson"] for r in children(client, "ad_workers")[1])
     study = optuna.load_study(study_name=p.study_name, storage=storage)
     assert math.isclose(study.best_value, best, rel_tol=1e-9)

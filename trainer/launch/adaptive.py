@@ -126,6 +126,19 @@ def shown(url: str) -> str:
         return url.split("@")[-1]
 
 
+def _quiet() -> None:
+    """Optuna's messages that say nothing to our users."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # heartbeats and their retry callback are marked experimental, and meant for study.optimize: we record them
+    # ourselves around ask/tell (_Heartbeat), which is what optimize does
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    # a resumed trial reports again the epochs before its checkpoint; those already in the study are kept
+    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
+
+
 def driver_url(url: str) -> str:
     """A PostgreSQL URL without a driver names psycopg2 (in the image) when psycopg 3, SQLAlchemy 2.1's default for
     postgresql://, is not installed."""
@@ -144,14 +157,8 @@ def open_study(p: Plan, storage_url: str) -> Any:
 
     from trainer.tracking import HEARTBEAT_S, LEASE_S, _store_setup_lock
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _quiet()
     storage_url = driver_url(storage_url)
-    # heartbeats and their retry callback are marked experimental, and meant for study.optimize: we record them
-    # ourselves around ask/tell (_Heartbeat), which is what optimize does
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    # a resumed trial reports again the epochs before its checkpoint; those already in the study are kept
-    warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if storage_url.startswith("sqlite:"):
         kwargs = {"connect_args": {"timeout": 120}}  # several local workers wait for SQLite's write lock
@@ -271,6 +278,7 @@ def reclaim(study: Any, echo: Echo) -> None:
 
     from trainer.tracking import _OWNER, lease_holder
 
+    _quiet()
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     fail_stale_trials(study)
     retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
@@ -320,6 +328,7 @@ def _interrupted(study: Any, trial: Any) -> None:
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
+    _quiet()
     try:
         trial.set_user_attr(OUTCOME_ATTR, "interrupted")
         study.tell(trial, state=TrialState.FAIL)
@@ -402,10 +411,10 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
                 outcome = _train(trial, study, spec, path, p, parent_id, tracker, cache, echo, progress, plots,
                                  execute_pack)
             except BaseException:
-                beat.close()
                 _interrupted(study, trial)
                 raise
-            beat.close()
+            finally:  # also after a rejected sample's `continue`
+                beat.close()
             if outcome is not None:
                 outcomes.append(outcome)
     except KeyboardInterrupt:
