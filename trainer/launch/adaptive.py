@@ -19,6 +19,7 @@ training its configuration. A configuration sampled again reuses the earlier res
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -94,13 +95,11 @@ def plan(hyperparams: str | Path, hyperranges: str | Path | None, strategy: str,
         raise ConfigError(f"{hyperparams}: n_repeats {base['n_repeats']} applies to --strategy grid; a sampled "
                           "strategy trains each configuration once (search seed as a key to vary it)")
     seed = base["seed"] if sampler_seed is None else sampler_seed
-    space = dict(ranges.values)
+    p = Plan("", base["exp_name"], base, dict(ranges.values), strategy, prune, trials, seed,
+             tuple(params.warnings + ranges.warnings))
     identity = {"strategy": strategy, "prune": prune, "sampler_seed": seed, "base": config.identity_view(base),
-                "space": {k: v.to_json() if isinstance(v, config.Range) else v for k, v in space.items()}}
-    canon = json.dumps(identity, sort_keys=True, separators=(",", ":"))
-    search_id = "s" + hashlib.sha256(canon.encode()).hexdigest()[:9]
-    return Plan(search_id, base["exp_name"], base, space, strategy, prune, trials, seed,
-                tuple(params.warnings + ranges.warnings))
+                "space": p.space_json()}
+    return dataclasses.replace(p, search_id="s" + search_mod._digest(identity, 9))
 
 
 # ---- the study -------------------------------------------------------------------------------------------------
@@ -350,7 +349,7 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
     complete."""
     from optuna.trial import TrialState
 
-    from trainer.launch.local import DataCache, RunOutcome, SearchOutcome, execute_pack, preflight
+    from trainer.launch.local import DataCache, RunOutcome, SearchOutcome, preflight
     from trainer.tracking import _OWNER, Tracker
 
     tracker = Tracker(p.exp_name)
@@ -408,8 +407,7 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
                     continue
                 rejected = 0
                 trial.set_user_attr(CONFIG_ATTR, spec.config_id)
-                outcome = _train(trial, study, spec, path, p, parent_id, tracker, cache, echo, progress, plots,
-                                 execute_pack)
+                outcome = _train(trial, study, spec, path, p, parent_id, tracker, cache, echo, progress, plots)
             except BaseException:
                 _interrupted(study, trial)
                 raise
@@ -447,9 +445,11 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
 
 
 def _train(trial: Any, study: Any, spec: RunSpec, path: Path, p: Plan, parent_id: str, tracker: Any, cache: Any,
-           echo: Echo, progress: bool, plots: bool, execute_pack: Callable[..., Any]) -> Any:
+           echo: Echo, progress: bool, plots: bool) -> Any:
     """Train (or resume) the trial's run with the pruner asked after each epoch; tell the study how it ended."""
     from optuna.trial import TrialState
+
+    from trainer.launch.local import execute_pack
 
     def stop_check(epoch: int, metrics: dict[str, float]) -> bool:
         value = metrics["val_pearson"]
