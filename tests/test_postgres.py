@@ -194,9 +194,49 @@ def test_workers_starting_together_share_one_study_in_postgresql(postgres, tmp_p
     import optuna
 
     from trainer.launch import adaptive
+    from trainer.tracking import driver_url
 
     p = adaptive.plan(tmp_path / "hp.json", tmp_path / "hr.json", "tpe", 3)
-    study = optuna.load_study(study_name=p.study_name, storage=adaptive.driver_url(url))
+    study = optuna.load_study(study_name=p.study_name, storage=driver_url(url))
     assert sorted(t.state.name for t in study.trials) == ["COMPLETE"] * 3
     assert len({t.params["lr"] for t in study.trials}) == 3  # per-trial seeds: the workers drew different values
     assert sorted(json.loads(out)["lr"] for out, _ in outs) == sorted(t.params["lr"] for t in study.trials)
+
+
+def test_the_setup_lock_serialises_processes_on_one_database_and_a_bad_password_is_one_line(postgres, tmp_path):
+    """The advisory lock that serialises table set-up: a second holder waits until the first lets go (two sessions
+    of one database, as two pods); a URL that cannot connect takes no lock, and the study's own error is one line
+    that names the storage without its password."""
+    import threading
+
+    from trainer.errors import UserError
+    from trainer.launch import adaptive
+    from trainer.tracking import _store_setup_lock
+
+    url = f"postgresql://mlflow:{DB_PASSWORD}@127.0.0.1:{postgres['port']}/mlflow"
+    events: list[str] = []
+
+    def other() -> None:
+        with _store_setup_lock(url):
+            events.append("other")
+
+    with _store_setup_lock(url):
+        waiting = threading.Thread(target=other)
+        waiting.start()
+        waiting.join(3)
+        assert waiting.is_alive()  # blocked on the lock this session holds
+        events.append("first")
+    waiting.join(60)
+    assert events == ["first", "other"]
+
+    bad = f"postgresql://mlflow:wrong@127.0.0.1:{postgres['port']}/mlflow"
+    with _store_setup_lock(bad):  # no lock, no error here
+        events.append("unlocked")
+    (tmp_path / "hp.json").write_text(json.dumps({"exp_name": "pg_bad", "n_epochs": 1}))
+    (tmp_path / "hr.json").write_text(json.dumps({"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))
+    p = adaptive.plan(tmp_path / "hp.json", tmp_path / "hr.json", "tpe", 2)
+    with pytest.raises(UserError) as err:
+        adaptive.open_study(p, bad)
+    message = str(err.value)
+    assert "cannot open the study storage postgresql+psycopg2://mlflow:***@127.0.0.1" in message
+    assert "wrong" not in message and "\n" not in message

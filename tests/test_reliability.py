@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -308,18 +309,26 @@ def test_two_processes_on_one_search_never_train_one_run_twice(tmp_path, mlflow_
            "--no-plots"]
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(mlflow_server)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # until the first process trains run 0
-        exp = client.get_experiment_by_name("twice")
-        runs = client.search_runs([exp.experiment_id], "tags.role = 'run'") if exp else []
-        if runs and client.get_metric_history(runs[0].info.run_id, "train_loss"):
-            break
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        time.sleep(0.3)
-    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # until the first process holds run 0's lease
+            exp = client.get_experiment_by_name("twice")
+            runs = client.search_runs([exp.experiment_id], "tags.role = 'run'") if exp else []
+            if runs and runs[0].data.tags.get("lease"):
+                break
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            time.sleep(0.2)
+        # paused while it holds the lease (which lasts minutes), so that run 0 is still in its hands however long
+        # the second process takes to start on a slow machine: a CI machine once saw run 0 end first
+        os.kill(first.pid, signal.SIGSTOP)
+        second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     _, err = first.communicate(timeout=600)
     assert first.returncode == 0 and second.returncode == 0, (err[-2000:], second.stderr[-2000:])
-    assert "another process trains it" in second.stderr  # run 0 at least
+    assert "run 0 twice_000_lr0.01: another process trains it" in second.stderr, second.stderr
+    for i in (1, 2):  # trained by the second process while the first was paused; the first skips them
+        assert re.search(rf"^run {i} twice_00{i}_\S+: already FINISHED", err, re.M), err
     runs = client.search_runs([client.get_experiment_by_name("twice").experiment_id], "tags.role = 'run'")
     assert sorted(r.data.tags["run_index"] for r in runs) == ["0", "1", "2"]  # one MLflow run per run
     for r in runs:

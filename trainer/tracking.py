@@ -354,9 +354,16 @@ class GuardedClient:
 
 @contextlib.contextmanager
 def _store_setup_lock(uri: str) -> Iterator[None]:
-    """Serialise the first use of a local SQLite store between processes: MLflow creates its tables on first use, and
-    two searches starting together on a fresh store raced there ("table ... already exists"). An empty lock file in
-    the system temp folder, one per store (as MLflow's own db_init_lock)."""
+    """Serialise the first use of a store between processes: MLflow and Optuna create their tables on first use, and
+    two processes starting together on a new store raced there ("table ... already exists", a duplicate version
+    row). A local SQLite store: an empty lock file in the system temp folder, one per store (as MLflow's own
+    db_init_lock). A PostgreSQL store (workers in several pods): a session advisory lock in that database, held on
+    a connection of its own while the tables are made; when that connection cannot be had, no lock is taken and
+    the store's own error follows."""
+    if uri.startswith(("postgresql", "postgres:")):
+        with _advisory_lock(uri):
+            yield
+        return
     if not uri.startswith("sqlite:///"):
         yield
         return
@@ -371,6 +378,43 @@ def _store_setup_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+SETUP_LOCK_KEY = 0x72657469  # "reti": the advisory lock key every retina-trainer process takes to set up tables
+
+
+def driver_url(url: str) -> str:
+    """A PostgreSQL URL without a driver names psycopg2 (in the image) when psycopg 3, SQLAlchemy 2.1's default for
+    postgresql://, is not installed."""
+    import importlib.util
+
+    for scheme in ("postgresql://", "postgres://"):
+        if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None:
+            return "postgresql+psycopg2://" + url[len(scheme):]
+    return url
+
+
+@contextlib.contextmanager
+def _advisory_lock(uri: str) -> Iterator[None]:
+    import sqlalchemy
+    from sqlalchemy.pool import NullPool
+
+    try:
+        engine = sqlalchemy.create_engine(driver_url(uri), poolclass=NullPool)
+        conn = engine.connect()
+    except Exception:  # a bad URL, password or host: the caller's own connection says so
+        yield
+        return
+    try:
+        conn.execute(sqlalchemy.text("select pg_advisory_lock(:key)"), {"key": SETUP_LOCK_KEY})
+        yield
+    finally:
+        try:  # closing the session's connection releases its advisory lock in any case
+            conn.execute(sqlalchemy.text("select pg_advisory_unlock(:key)"), {"key": SETUP_LOCK_KEY})
+        except Exception:
+            pass
+        conn.close()
+        engine.dispose()
 
 
 def _check_local_store(uri: str) -> None:

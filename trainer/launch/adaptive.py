@@ -138,23 +138,12 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
 
 
-def driver_url(url: str) -> str:
-    """A PostgreSQL URL without a driver names psycopg2 (in the image) when psycopg 3, SQLAlchemy 2.1's default for
-    postgresql://, is not installed."""
-    import importlib.util
-
-    for scheme in ("postgresql://", "postgres://"):
-        if url.startswith(scheme) and importlib.util.find_spec("psycopg") is None:
-            return "postgresql+psycopg2://" + url[len(scheme):]
-    return url
-
-
 def open_study(p: Plan, storage_url: str) -> Any:
     """The plan's study in `storage_url`, created on first use (by whichever process comes first)."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    from trainer.tracking import HEARTBEAT_S, LEASE_S, _store_setup_lock
+    from trainer.tracking import HEARTBEAT_S, LEASE_S, _store_setup_lock, driver_url
 
     _quiet()
     storage_url = driver_url(storage_url)
@@ -169,8 +158,9 @@ def open_study(p: Plan, storage_url: str) -> Any:
     for attempt in range(3):
         try:
             # Optuna creates its tables on first use, and two workers starting together on a new database raced
-            # there ("table studies already exists"): SQLite setups take the store lock of trainer/tracking.py, and
-            # any database gets two more tries (the tables are there by then)
+            # there ("table studies already exists", a second version row): the store lock of trainer/tracking.py
+            # (a file lock for SQLite, an advisory lock in PostgreSQL) serialises it, and a database error still
+            # gets two more tries (Optuna wraps those of its sessions in StorageInternalError)
             with _store_setup_lock(storage_url):
                 storage = RDBStorage(storage_url, engine_kwargs=kwargs, heartbeat_interval=int(HEARTBEAT_S),
                                      grace_period=int(LEASE_S),
@@ -180,7 +170,8 @@ def open_study(p: Plan, storage_url: str) -> Any:
                                            sampler=make_sampler(p), pruner=make_pruner(p), load_if_exists=True)
         except Exception as exc:
             last = exc
-            if attempt < 2 and type(exc).__name__ in ("OperationalError", "IntegrityError"):
+            if attempt < 2 and type(exc).__name__ in ("OperationalError", "IntegrityError", "ProgrammingError",
+                                                      "StorageInternalError"):
                 time.sleep(1 + attempt)
                 continue
             break
