@@ -308,13 +308,13 @@ def test_workers_share_a_study_a_killed_workers_trial_resumes_and_a_rerun_extend
 # ---- Kubernetes: worker pods of one study ------------------------------------------------------------------------
 
 
-def _render_study(tmp_path, *extra):
+def _render_study(tmp_path, *extra, exp_name="ad_k8s"):
     import yaml
     from click.testing import CliRunner
 
     from trainer.cli import main
 
-    hp, hr = write(tmp_path, "ad_k8s", {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}, n_epochs=2)
+    hp, hr = write(tmp_path, exp_name, {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}, n_epochs=2)
     res = CliRunner().invoke(main, ["k8s", "render", hp, hr, "--image", "registry.example/retina-trainer:1",
                                     "--tracking-uri", "http://mlflow.retina.svc:5000", "--strategy", "tpe",
                                     "--trials", "3", "--prune", "asha", *extra])
@@ -382,3 +382,108 @@ def test_rendered_worker_pods_share_the_study_and_the_last_one_closes_the_parent
     assert client.get_run(parent).info.status == "FINISHED"
     assert client.get_run(parent).data.metrics["trials_complete"] + \
         client.get_run(parent).data.metrics["trials_pruned"] == 3
+
+
+def _pod_command(docs, tmp_path):
+    """The worker pod's command, its ConfigMap written to a local folder."""
+    config_map, job = docs
+    folder = tmp_path / "config"
+    folder.mkdir(exist_ok=True)
+    for key, text in config_map["data"].items():
+        (folder / key).write_text(text)
+    [container] = job["spec"]["template"]["spec"]["containers"]
+    return [a.replace("/config", str(folder)) for a in container["command"]][1:]
+
+
+@pytest.mark.slow
+def test_k8s_status_and_finish_of_a_study_whose_worker_died_then_one_that_completed(tmp_path, data_root,
+                                                                                   mlflow_server, monkeypatch):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("RETINA_STUDY_STORAGE", raising=False)
+    res, docs = _render_study(tmp_path, "--local-tracking-uri", mlflow_server, "--study-storage-secret", "optuna-db",
+                              "--workers", "1", "--no-plots", exp_name="ad_k8s_lost")  # its own parent run
+    assert res.exit_code == 0, res.output
+    parent = docs[1]["metadata"]["annotations"]["retina-trainer/parent-run-id"]
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RETINA_"))}
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, RETINA_PARENT_RUN_ID=parent, RETINA_DATA_ROOT=str(data_root),
+               RETINA_STUDY_STORAGE=storage, MLFLOW_DISABLE_TELEMETRY="true")
+    command = [sys.executable, "-m", "trainer", *_pod_command(docs, tmp_path)]
+    (tmp_path / "pod0").mkdir()
+    worker = subprocess.Popen(command, cwd=tmp_path / "pod0", env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True)
+    _wait_for(worker, "trial 2: ", 300)  # trials 0 and 1 ended; the last one begins
+    worker.send_signal(signal.SIGKILL)  # the pod is gone for good (the Job's retries spent)
+    worker.wait(timeout=30)
+
+    def k8s(*args):
+        return CliRunner().invoke(main, ["k8s", *args, str(tmp_path / "hp.json"), str(tmp_path / "hr.json"),
+                                         "--tracking-uri", mlflow_server, "--strategy", "tpe", "--trials", "3",
+                                         "--prune", "asha"])
+
+    unnamed = k8s("status")
+    assert unnamed.exit_code == 2 and "--strategy tpe needs --study-storage URL" in unnamed.output
+    status = k8s("status", "--study-storage", storage)
+    assert status.exit_code == 0, status.output
+    rows = {int(line.split()[0]): line.split() for line in status.output.splitlines()
+            if len(line.split()) > 4 and line.split()[0].isdigit() and line.split()[1].isupper()}
+    assert sorted(rows) == [0, 1, 2]
+    assert {rows[0][1], rows[1][1]} <= {"COMPLETE", "PRUNED"} and rows[2][1] == "LOST", status.output
+    assert "trial 2: RUNNING in the study but its worker is gone" in status.output
+    assert "1 of 3 trials not done yet" in status.output
+    assert f"parent run {parent} is RUNNING" in status.output
+    client = MlflowClient(mlflow_server)
+    assert client.get_run(parent).info.status == "RUNNING"  # status changed nothing
+
+    closed = k8s("finish", "--study-storage", storage, "--no-plots")
+    assert closed.exit_code == 1, closed.output
+    assert "2 of 3 trials of search" in closed.output and "start a worker again" in closed.output
+    run = client.get_run(parent)
+    assert run.info.status == "FAILED" and run.data.tags["trials_done"] == "2/3"
+    assert run.data.metrics["trials_complete"] + run.data.metrics["trials_pruned"] == 2
+    summary = Path(client.download_artifacts(parent, "summary/search_summary.txt", str(tmp_path))).read_text()
+    assert "FAILED (retina-trainer k8s finish" in summary and "LOST" in summary
+    study = optuna.load_study(study_name=adaptive.plan(tmp_path / "hp.json", tmp_path / "hr.json", "tpe", 3,
+                                                       "asha").study_name, storage=storage)
+    assert [t.state.name for t in study.trials].count("RUNNING") == 1  # the study is left as it was
+
+    # a worker started again takes the lost trial back, resumes it and closes the parent; finish then agrees
+    (tmp_path / "pod1").mkdir()
+    again = subprocess.run(command, cwd=tmp_path / "pod1", env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "trial 2: its process is gone" in again.stderr
+    assert client.get_run(parent).info.status == "FINISHED", again.stderr
+    done = k8s("finish", "--study-storage", storage, "--no-plots")
+    assert done.exit_code == 0, done.output
+    assert client.get_run(parent).info.status == "FINISHED"
+    assert client.get_run(parent).data.tags["trials_done"] == "3/3"
+
+
+def test_k8s_status_options_of_a_study_are_checked_before_any_server_is_asked(tmp_path):
+    from click.testing import CliRunner
+
+    from trainer.cli import main
+
+    hp, hr = write(tmp_path, "ad_opts", {"lr": {"low": 1e-3, "high": 1e-2, "log": True}})
+    unreachable = ["--tracking-uri", "http://127.0.0.1:9"]
+
+    def k8s(*args):
+        return CliRunner().invoke(main, ["k8s", "status", hp, hr, *unreachable, *args])
+
+    grid = k8s("--study-storage", f"sqlite:///{tmp_path / 'x.db'}", "--trials", "3")
+    assert grid.exit_code == 2 and "--trials, --study-storage apply to the sampled strategies" in grid.output
+    count = k8s("--strategy", "tpe", "--study-storage", f"sqlite:///{tmp_path / 'x.db'}")
+    assert count.exit_code == 2 and "--strategy tpe needs --trials N" in count.output
+    from trainer.errors import UserError
+
+    with pytest.raises(UserError, match="no study storage at"):  # status makes no empty database
+        adaptive.open_study(adaptive.plan(hp, hr, "tpe", 3), f"sqlite:///{tmp_path / 'none.db'}", create=False)
+    assert not (tmp_path / "none.db").exists()
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    adaptive.open_study(adaptive.plan(hp, hr, "tpe", 3), storage)  # made by a worker
+    with pytest.raises(UserError, match="no study ad_opts-s[0-9a-f]+ in sqlite.*--sampler-seed"):  # another seed
+        adaptive.open_study(adaptive.plan(hp, hr, "tpe", 3, sampler_seed=99), storage, create=False)

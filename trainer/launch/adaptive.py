@@ -138,8 +138,9 @@ def _quiet() -> None:
     warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
 
 
-def open_study(p: Plan, storage_url: str) -> Any:
-    """The plan's study in `storage_url`, created on first use (by whichever process comes first)."""
+def open_study(p: Plan, storage_url: str, *, create: bool = True) -> Any:
+    """The plan's study in `storage_url`, created on first use (by whichever process comes first); with
+    `create=False` (k8s status and finish) an existing study only, else a UserError."""
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
@@ -150,10 +151,12 @@ def open_study(p: Plan, storage_url: str) -> Any:
     kwargs: dict[str, Any] = {"pool_pre_ping": True}
     if storage_url.startswith("sqlite:"):
         kwargs = {"connect_args": {"timeout": 120}}  # several local workers wait for SQLite's write lock
-        folder = Path(storage_url[len("sqlite:///"):]).parent
-        if not folder.is_dir():
-            raise UserError(f"the study storage {storage_url} cannot be created: {folder} is not a folder; set "
+        path = Path(storage_url[len("sqlite:///"):])
+        if not path.parent.is_dir():
+            raise UserError(f"the study storage {storage_url} cannot be created: {path.parent} is not a folder; set "
                             f"--study-storage or ${STORAGE_ENV}")
+        if not create and not path.is_file():
+            raise UserError(f"no study storage at {storage_url}: pass the --study-storage the workers used")
     last: Exception | None = None
     for attempt in range(3):
         try:
@@ -166,8 +169,18 @@ def open_study(p: Plan, storage_url: str) -> Any:
                                      grace_period=int(LEASE_S),
                                      heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
                                          inherit_intermediate_values=True))
+                if not create:
+                    try:
+                        return optuna.load_study(study_name=p.study_name, storage=storage, sampler=make_sampler(p),
+                                                 pruner=make_pruner(p))
+                    except KeyError:
+                        raise UserError(f"no study {p.study_name} in {shown(storage_url)}: pass the files and the "
+                                        "--strategy, --prune and --sampler-seed the search was rendered with, and "
+                                        "the --study-storage its workers used") from None
                 return optuna.create_study(study_name=p.study_name, storage=storage, direction="maximize",
                                            sampler=make_sampler(p), pruner=make_pruner(p), load_if_exists=True)
+        except UserError:
+            raise
         except Exception as exc:
             last = exc
             if attempt < 2 and type(exc).__name__ in ("OperationalError", "IntegrityError", "ProgrammingError",
@@ -266,16 +279,14 @@ def reclaim(study: Any, echo: Echo) -> None:
     from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
     from optuna.trial import TrialState
 
-    from trainer.tracking import _OWNER, lease_holder
-
     _quiet()
     before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))}
     fail_stale_trials(study)
     retry = RetryHeartbeatStaleTrialCallback(inherit_intermediate_values=True)
     storage = study._storage
+    lost = gone(study)
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get(OWNER_ATTR)
-        if not owner or owner == _OWNER or lease_holder(json.dumps({"owner": owner, "until": 4e9})) is not None:
+        if t.number not in lost:
             continue
         try:  # the note first: a finished trial takes no more attributes
             storage.set_trial_user_attr(t._trial_id, OUTCOME_ATTR, "interrupted")
@@ -286,6 +297,25 @@ def reclaim(study: Any, echo: Echo) -> None:
     for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if t.number not in before and t.user_attrs.get(OUTCOME_ATTR, "interrupted") == "interrupted":
             echo(f"trial {t.number}: its process is gone; it resumes as a new trial with the same values")
+
+
+def gone(study: Any) -> set[int]:
+    """Numbers of the RUNNING trials whose worker is gone: a stale Optuna heartbeat (any host), or an owner process
+    of this host that no longer exists. Reads only (reclaim, in the next worker, fails and re-enqueues them)."""
+    from optuna.trial import TrialState
+
+    from trainer.tracking import _OWNER, lease_holder
+
+    storage = study._storage
+    stale = set(storage._get_stale_trial_ids(study._study_id)) if storage.get_heartbeat_interval() else set()
+    out = set()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(OWNER_ATTR)
+        dead_here = bool(owner) and owner != _OWNER and \
+            lease_holder(json.dumps({"owner": owner, "until": 4e9})) is None
+        if t._trial_id in stale or dead_here:
+            out.add(t.number)
+    return out
 
 
 class _Heartbeat:
@@ -356,7 +386,9 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
     tracker.client.set_tag(parent_id, STUDY_TAG, f"{p.study_name} in {shown(storage_url)}")
     tracker.client.set_tag(parent_id, STRATEGY_TAG, f"{p.strategy}, prune {p.prune}, {p.trials} trials, sampler "
                                                     f"seed {p.sampler_seed}")
+    reclaim(study, echo)  # trials of workers that are gone are retried first, within the budget
     done_before = counted(study)
+    retries = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     echo(f"search {p.search_id}: {p.strategy} over {', '.join(p.searched_keys)}, {p.trials} trials "
          f"({done_before} counted already), prune {p.prune}; study {p.study_name} in {shown(storage_url)}; "
          f"experiment '{p.exp_name}' in {tracker.uri}")
@@ -364,13 +396,15 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
     cache = DataCache()
     rejected = 0
     status = "FINISHED"
-    nothing = done_before >= p.trials
+    nothing = done_before >= p.trials and not retries
     if owns_parent and not nothing:
         tracker.reopen_parent(parent_id)
     try:
         while True:
             reclaim(study, echo)
-            if counted(study) >= p.trials:
+            # a WAITING trial (a retry of one whose worker is gone) is within the budget and taken first by ask
+            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+            if counted(study) >= p.trials and not waiting:
                 break
             trial = study.ask()
             trial.set_user_attr(OWNER_ATTR, _OWNER)

@@ -224,3 +224,130 @@ def delete(search_id: str, namespace: str | None, echo: Echo) -> bool:
     for line in (res.stdout.strip() or "nothing to delete (already gone)").splitlines():
         echo(line)
     return True
+
+
+# ---- an adaptive search: its study's trials ----------------------------------------------------------------------
+# Worker pods pull trials from one Optuna study; the last worker to see --trials done closes the parent run. When
+# workers are gone for good (a failed Job, an exhausted deadline) nobody does: `status` reads the study and `finish`
+# logs what the last worker would have (trials table, best value, epochs, plots) and ends the parent.
+
+LOST_TRIAL = "LOST"  # RUNNING in the study, but its worker is gone (a stale heartbeat, or a dead local process)
+
+
+@dataclass
+class StudyState:
+    """Where an adaptive search's study stands: each trial's state (Optuna's, with LOST for a RUNNING trial whose
+    worker is gone) and, for those that are not done, why."""
+
+    plan: Any  # trainer.launch.adaptive.Plan
+    study: Any
+    parent_id: str
+    parent_status: str
+    states: dict[int, str] = field(default_factory=dict)
+    why: dict[int, str] = field(default_factory=dict)
+
+    def numbers(self, *states: str) -> list[int]:
+        return [n for n, s in self.states.items() if s in states]
+
+    @property
+    def done(self) -> list[int]:
+        """Trials that count and ended: COMPLETE, PRUNED, or FAIL because their run failed."""
+        return self.numbers("COMPLETE", "PRUNED", "FAILED_RUN")
+
+    @property
+    def missing(self) -> int:
+        return max(0, self.plan.trials - len(self.done))
+
+    def counts(self) -> str:
+        order = ["COMPLETE", "PRUNED", "RUNNING", "WAITING", LOST_TRIAL, "FAILED_RUN"]
+        names = {"FAILED_RUN": "FAILED"}
+        n = {s: len(self.numbers(s)) for s in order}
+        return ", ".join(f"{n[s]} {names.get(s, s)}" for s in order if n[s] or s == "COMPLETE")
+
+
+def read_study_state(tracker: Any, p: Any, storage_url: str, parent_run_id: str | None = None) -> StudyState:
+    """The study of plan `p` in `storage_url` (which must exist) and the search's parent run (reads only)."""
+    from trainer.launch import adaptive
+
+    parent = find_parent(tracker, p, parent_run_id)
+    study = adaptive.open_study(p, storage_url, create=False)
+    lost = adaptive.gone(study)
+    state = StudyState(p, study, parent.info.run_id, parent.info.status)
+    for t in study.get_trials(deepcopy=False):
+        label = t.state.name
+        note = t.user_attrs.get(adaptive.OUTCOME_ATTR, "")
+        if label == "RUNNING" and t.number in lost:
+            label = LOST_TRIAL
+            state.why[t.number] = ("RUNNING in the study but its worker is gone; a worker started again (the "
+                                   "Job's pod command) resumes it from its checkpoint")
+        elif label == "RUNNING":
+            state.why[t.number] = "training"
+        elif label == "WAITING":
+            state.why[t.number] = "waiting for a worker (a retry of an interrupted trial)"
+        elif label == "FAIL" and note == "failed":
+            label = "FAILED_RUN"
+            run_id = t.user_attrs.get("mlflow_run_id", "")
+            error = tracker.client.get_run(run_id).data.tags.get("error", "") if run_id else ""
+            state.why[t.number] = f"its run failed: {_first_line(error)}" if error else "its run failed"
+        elif label == "FAIL":  # interrupted (retried as another trial), rejected or over budget: not counted
+            continue
+        state.states[t.number] = label
+    return state
+
+
+def study_report(state: StudyState) -> list[str]:
+    """One line per counted trial (state, best validation r, epochs, MLflow run, values), the trials not done and
+    why, and a last line of counts."""
+    from trainer.launch import adaptive
+    from trainer.search import short_value
+
+    table = adaptive.trials_table(state.study)
+    keys = list(state.plan.searched_keys)
+    header = f"{'trial':>5}  {'state':<9} {'best_val_r':>10} {'epochs':>6}  {'mlflow_run':<32}  " + "  ".join(keys)
+    lines = [header]
+    for i, number in enumerate(table["trial"]):
+        if number not in state.states:
+            continue
+        value = table["best_val_pearson"][i]
+        shown = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
+        label = state.states[number].replace("FAILED_RUN", "FAILED")
+        values = "  ".join(f"{k}={short_value(table[k][i])}" for k in keys if k in table)
+        lines.append(f"{number:>5}  {label:<9} {shown:>10} {table['epochs'][i]:>6}  "
+                     f"{table['mlflow_run_id'][i] or '-':<32}  {values}")
+    for number, why in state.why.items():
+        if state.states.get(number) not in ("COMPLETE", "PRUNED"):
+            lines.append(f"trial {number}: {why}")
+    if state.missing:
+        lines.append(f"{state.missing} of {state.plan.trials} trials not done yet")
+    lines.append(f"search {state.plan.search_id} ({state.plan.strategy}, {state.plan.trials} trials, study "
+                 f"{state.plan.study_name}): {state.counts()}; parent run {state.parent_id} is {state.parent_status}")
+    return lines
+
+
+def finish_study(tracker: Any, state: StudyState, *, plots: bool = True, force: bool = False,
+                 echo: Echo = print) -> str:
+    """Log the study's summary to the parent run, as the last worker does, and end it FINISHED when --trials are
+    done and none failed, else FAILED. Refuses while a worker still trains a trial, unless `force`. Changes nothing
+    in the study. Returns the parent's new status."""
+    from trainer.launch import adaptive
+    from trainer.tracking import FINISHED
+
+    running = state.numbers("RUNNING")
+    if running and not force:
+        raise UserError(f"search {state.plan.search_id}: {len(running)} trial(s) still training (trial "
+                        f"{', '.join(map(str, running[:5]))}); wait until the Job is done, or pass --force to close "
+                        "the parent run now")
+    ok = not state.missing and not state.numbers("FAILED_RUN", LOST_TRIAL, "RUNNING", "WAITING")
+    status = FINISHED if ok else "FAILED"
+    adaptive._close(state.study, state.plan, tracker, state.parent_id, plots, echo, end=False)
+    closed = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    text = "\n".join([f"search {state.plan.search_id}, experiment '{state.plan.exp_name}', parent run "
+                      f"{state.parent_id}: {status} ({CLOSED_BY}, {closed})", "", *study_report(state)[:-1], ""])
+    log = tracker.run_log(state.parent_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / SUMMARY_FILE).write_text(text)
+        log.log_files({}, [("summary", Path(tmp) / SUMMARY_FILE)])
+    log.set_tag("trials_done", f"{len(state.done)}/{state.plan.trials}")
+    log.set_tag("closed_by", CLOSED_BY)
+    tracker.end_parent(state.parent_id, status)
+    return status

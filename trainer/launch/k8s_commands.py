@@ -323,17 +323,56 @@ def _tracking_uri_option(f: Any) -> Any:
 
 
 def _read(ctx: click.Context, hyperparams: str, hyperranges: str | None, tracking_uri: str,
-          parent_run_id: str | None) -> tuple[Any, Any, str]:
-    """The search, a Tracker on its (existing) experiment, and its state; what the server answers in one line."""
+          parent_run_id: str | None, sampled: dict[str, Any]) -> tuple[Any, Any, str]:
+    """The search, a Tracker on its (existing) experiment, and its state (a grid's runs, or a sampled strategy's
+    study); what the server answers in one line."""
     from trainer.launch import finish as finish_mod
 
-    s, _ = _load_search(hyperparams, hyperranges)
+    strategy, storage = sampled["strategy"], sampled["study_storage"]
+    if strategy == "grid":
+        given = [f"--{n}" for n, v in (("trials", sampled["trials"]), ("prune", sampled["prune"] != "none"),
+                                       ("sampler-seed", sampled["sampler_seed"]), ("study-storage", storage)) if v]
+        if given:
+            raise UserError(f"{', '.join(given)} apply to the sampled strategies; add the --strategy the search was "
+                            "rendered with")
+        s, _ = _load_search(hyperparams, hyperranges)
+    else:
+        from trainer.launch import adaptive
+
+        s = adaptive.plan(hyperparams, hyperranges, strategy, sampled["trials"], sampled["prune"],
+                          sampled["sampler_seed"])
+        if not storage:
+            raise UserError(f"--strategy {strategy} needs --study-storage URL (or ${adaptive.STORAGE_ENV}): the "
+                            "database of the study, as this machine reaches it (e.g. postgresql://USER:PASSWORD@"
+                            "127.0.0.1:5432/optuna through kubectl port-forward svc/postgres 5432:5432)")
     from_env = ctx.get_parameter_source("tracking_uri") == click.core.ParameterSource.ENVIRONMENT
     source = "MLFLOW_TRACKING_URI" if from_env else "--tracking-uri"
     with _tracking_env(tracking_uri), tracking_errors(tracking_uri, source, s.exp_name):
         tracker = finish_mod.read_tracker(s.exp_name)
-        state = finish_mod.read_state(tracker, s, parent_run_id)
+        if strategy == "grid":
+            state = finish_mod.read_state(tracker, s, parent_run_id)
+        else:
+            state = finish_mod.read_study_state(tracker, s, storage, parent_run_id)
     return tracker, state, source
+
+
+def _sampled_options(f: Any) -> Any:
+    """The options that name a sampled strategy's study, as `render` took them."""
+    for option in reversed([
+        click.option("--strategy", type=click.Choice(["grid", "random", "tpe"]), default="grid", show_default=True,
+                     help="The strategy the search was rendered with."),
+        click.option("--trials", type=click.IntRange(min=1), default=None,
+                     help="A sampled strategy's --trials, as rendered."),
+        click.option("--prune", type=click.Choice(["none", "median", "asha", "hyperband"]), default="none",
+                     show_default=True, help="A sampled strategy's --prune, as rendered."),
+        click.option("--sampler-seed", type=int, default=None, help="A sampled strategy's --sampler-seed, as rendered "
+                     "(the render command printed it in the pods' command)."),
+        click.option("--study-storage", envvar="RETINA_STUDY_STORAGE", default=None, metavar="URL",
+                     help="A sampled strategy's study database as this machine reaches it (the URL of the Secret "
+                          "of --study-storage-secret, with a forwarded host); default: $RETINA_STUDY_STORAGE."),
+    ]):
+        f = option(f)
+    return f
 
 
 @k8s.command()
@@ -341,18 +380,22 @@ def _read(ctx: click.Context, hyperparams: str, hyperranges: str | None, trackin
 @click.argument("hyperranges", type=click.Path(dir_okay=False), required=False)
 @_tracking_uri_option
 @click.option("--parent-run-id", default=None, help="The search's parent run (default: the one render created).")
+@_sampled_options
 @click.pass_context
 def status(ctx: click.Context, hyperparams: str, hyperranges: str | None, tracking_uri: str,
-           parent_run_id: str | None) -> None:
+           parent_run_id: str | None, **sampled: Any) -> None:
     """Print where every run of a Kubernetes search stands, from MLflow (changes nothing).
 
     One row per run: FINISHED, RUNNING (a pod trains it), FAILED or KILLED (with the reason below the table), LOST
-    (RUNNING in MLflow but its pod is gone) or PENDING (not started yet).
+    (RUNNING in MLflow but its pod is gone) or PENDING (not started yet). A sampled strategy (--strategy tpe or
+    random, with the options it was rendered with and --study-storage): one row per trial of its study, COMPLETE,
+    PRUNED, RUNNING, WAITING (to be resumed), LOST (its worker is gone) or FAILED.
     """
-    _, state, _ = _read(ctx, hyperparams, hyperranges, tracking_uri, parent_run_id)
+    _, state, _ = _read(ctx, hyperparams, hyperranges, tracking_uri, parent_run_id, sampled)
     from trainer.launch import finish as finish_mod
 
-    click.echo("\n".join(finish_mod.report(state)))
+    lines = finish_mod.report(state) if sampled["strategy"] == "grid" else finish_mod.study_report(state)
+    click.echo("\n".join(lines))
 
 
 @k8s.command()
@@ -362,20 +405,25 @@ def status(ctx: click.Context, hyperparams: str, hyperranges: str | None, tracki
 @click.option("--parent-run-id", default=None, help="The search's parent run (default: the one render created).")
 @click.option("--force", is_flag=True, help="Close the parent run even while pods still train runs.")
 @click.option("--plots/--no-plots", default=True, show_default=True,
-              help="Log the search plot (best validation r against each searched hyperparameter).")
+              help="Log the search plot (best validation r against each searched hyperparameter; a sampled "
+                   "strategy: its optimisation history and parameter importances).")
 @click.option("--delete", is_flag=True,
               help="Then delete the search's Job and ConfigMap with kubectl (without cluster access: print the "
                    "command).")
 @click.option("--namespace", default=None, help="Namespace of the Job and ConfigMap, for --delete.")
+@_sampled_options
 @click.pass_context
 def finish(ctx: click.Context, hyperparams: str, hyperranges: str | None, tracking_uri: str,
-           parent_run_id: str | None, force: bool, plots: bool, delete: bool, namespace: str | None) -> None:
+           parent_run_id: str | None, force: bool, plots: bool, delete: bool, namespace: str | None,
+           **sampled: Any) -> None:
     """Close a Kubernetes search: log its summary table and plot to the parent run and end it FINISHED (every run
     finished) or FAILED (naming the runs that did not; exit 1).
 
     Run it once the Job is done (`kubectl wait --for=condition=complete` or `=failed`); it refuses while a pod
     still trains a run, unless --force. Running it again is safe (a run fixed and rerun since moves the parent to
-    FINISHED). Reads and writes MLflow only; --delete also removes the Job and ConfigMap.
+    FINISHED). Reads and writes MLflow only; --delete also removes the Job and ConfigMap. A sampled strategy
+    (with the options it was rendered with and --study-storage): the study's trials table, best value and plots,
+    FINISHED once --trials are done and none failed; the study itself is left as it is.
     """
     from trainer.errors import RunsFailed
     from trainer.launch import finish as finish_mod
@@ -384,17 +432,36 @@ def finish(ctx: click.Context, hyperparams: str, hyperranges: str | None, tracki
     if namespace is not None and not is_dns_label(namespace):
         raise UserError(f"--namespace '{namespace}' is not a valid Kubernetes name (lower case letters, digits and "
                         "'-', at most 63 characters)")
-    tracker, state, source = _read(ctx, hyperparams, hyperranges, tracking_uri, parent_run_id)
-    with _tracking_env(tracking_uri), tracking_errors(tracking_uri, source, state.search.exp_name):
-        new_status = finish_mod.finish(tracker, state, plots=plots, force=force)
-    click.echo("\n".join(finish_mod.report(state)[:-1]))
-    click.echo(f"parent run {state.parent_id} of search {state.search.search_id} ended {new_status}, with the "
-               f"summary table{' and plot' if plots else ''} logged to it", err=True)
+    tracker, state, source = _read(ctx, hyperparams, hyperranges, tracking_uri, parent_run_id, sampled)
+    grid = sampled["strategy"] == "grid"
+    search_id = state.search.search_id if grid else state.plan.search_id
+    exp_name = state.search.exp_name if grid else state.plan.exp_name
+    with _tracking_env(tracking_uri), tracking_errors(tracking_uri, source, exp_name):
+        if grid:
+            new_status = finish_mod.finish(tracker, state, plots=plots, force=force)
+        else:
+            new_status = finish_mod.finish_study(tracker, state, plots=plots, force=force,
+                                                 echo=lambda line: click.echo(line, err=True))
+    lines = finish_mod.report(state) if grid else finish_mod.study_report(state)
+    click.echo("\n".join(lines[:-1]))
+    what = "summary table" + (" and plot" if plots and grid else " and plots" if plots else "")
+    click.echo(f"parent run {state.parent_id} of search {search_id} ended {new_status}, with the {what} logged to "
+               "it", err=True)
     if delete:
-        finish_mod.delete(state.search.search_id, namespace, lambda line: click.echo(line, err=True))
-    if new_status != "FINISHED":
+        finish_mod.delete(search_id, namespace, lambda line: click.echo(line, err=True))
+    if new_status == "FINISHED":
+        return
+    if grid:
         names = "; ".join(f"run {r.spec.index} {r.spec.name} ({state.why.get(r.spec.index, r.status)})"
                           for r in state.unfinished[:5])
         more = f"; and {len(state.unfinished) - 5} more" if len(state.unfinished) > 5 else ""
         raise RunsFailed(f"{len(state.unfinished)} of {len(state.outcome.runs)} runs of search "
-                         f"{state.search.search_id} did not finish: {names}{more}")
+                         f"{search_id} did not finish: {names}{more}")
+    bad = [n for n, s in state.states.items() if s not in ("COMPLETE", "PRUNED")]
+    names = "; ".join(f"trial {n} ({state.why.get(n, state.states[n])})" for n in bad[:5])
+    more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+    resumable = state.missing or state.numbers(finish_mod.LOST_TRIAL, "WAITING", "RUNNING")
+    advice = ("start a worker again (the Job's pod command) to go on" if resumable else
+              "a failed trial counts against --trials (rerun it with a larger --trials to sample more)")
+    raise RunsFailed(f"{len(state.done)} of {state.plan.trials} trials of search {search_id} are done"
+                     f"{': ' + names + more if names else ''}; {advice}")
