@@ -339,6 +339,50 @@ def test_two_processes_on_one_search_never_train_one_run_twice(tmp_path, mlflow_
         assert sorted(m.step for m in client.get_metric_history(r.info.run_id, "train_loss")) == list(range(1, 7))
 
 
+REOPENER = """
+import json, sys, time
+from trainer.tracking import Tracker
+tracker = Tracker(sys.argv[1])
+start = float(sys.argv[2])
+for k, run_id in enumerate(sys.argv[3:]):
+    time.sleep(max(0.0, start + 2.0 * k - time.time()))  # both processes at the same moment, run after run
+    got = tracker.reopen_child(run_id)
+    print(json.dumps([run_id, not isinstance(got, str)]), flush=True)
+"""
+
+
+@pytest.mark.e2e
+def test_two_processes_reopening_one_interrupted_run_at_the_same_moment_resume_it_once(tmp_path, mlflow_server):
+    """Two processes that find the same KILLED run at the same instant: exactly one takes its lease and reopens it,
+    the other is told another process trains it (a tag alone is last-writer-wins: both used to resume it)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server)
+    exp = client.create_experiment("reopen_race")
+    ids = []
+    for i in range(5):
+        run = client.create_run(exp, run_name=f"killed{i}", tags={"role": "run"})
+        client.set_terminated(run.info.run_id, "KILLED")
+        ids.append(run.info.run_id)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(MLFLOW_TRACKING_URI=mlflow_server, MLFLOW_DISABLE_TELEMETRY="true")
+    start = time.time() + 15  # after both have imported mlflow
+    procs = [subprocess.Popen([sys.executable, "-c", REOPENER, "reopen_race", str(start), *ids], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    won: dict[str, int] = {}
+    for out, _ in outs:
+        for line in out.splitlines():
+            run_id, took = json.loads(line)
+            won[run_id] = won.get(run_id, 0) + took
+    assert won == {run_id: 1 for run_id in ids}  # each run reopened by exactly one of the two
+    for run_id in ids:
+        run = client.get_run(run_id)
+        assert run.info.status == "RUNNING" and json.loads(run.data.tags["lease"])["owner"]
+        assert not [k for k in run.data.tags if k.startswith("lease_claim.")]  # no claim left behind
+
+
 # ---- files the user names ----------------------------------------------------------------------------------------
 
 def test_predict_never_writes_through_a_link_and_cleans_up_on_failure(tmp_path, monkeypatch):

@@ -8,9 +8,11 @@ store is used: `sqlite:///mlflow.db` in the working directory, the same store `m
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import socket
@@ -84,6 +86,23 @@ _OWNER = f"{socket.gethostname()}:{os.getpid()}:{int(time.time())}"
 
 def lease_value(until: float | None = None) -> str:
     return json.dumps({"owner": _OWNER, "until": round(until if until is not None else time.time() + LEASE_S, 1)})
+
+
+CLAIM_PREFIX = "lease_claim."  # + a hash of the owner: a process about to reopen an interrupted run (reopen_child)
+CLAIM_S = 60.0  # a claim older than this is left over by a process that died while claiming
+CLAIM_TRIES = 8
+
+
+def _live_claim(value: str) -> bool:
+    try:
+        claim = json.loads(value)
+        owner, at = str(claim["owner"]), float(claim["at"])
+    except (ValueError, TypeError, KeyError):
+        return False
+    if owner == _OWNER or at < time.time() - CLAIM_S:
+        return False
+    host, pid = owner.split(":")[:2]
+    return not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)))
 
 
 def lease_holder(value: str) -> str | None:
@@ -368,7 +387,6 @@ def _store_setup_lock(uri: str) -> Iterator[None]:
         yield
         return
     import fcntl
-    import hashlib
 
     path = str(Path(uri[len("sqlite:///"):]).expanduser().resolve())
     name = f"retina-trainer-store-{hashlib.md5(path.encode(), usedforsecurity=False).hexdigest()}.lock"
@@ -569,12 +587,36 @@ class Tracker:
         """A reporter for an existing run (e.g. to attach files to a search's parent run)."""
         return RunLog(self.client, run_id)
 
-    def reopen_child(self, run_id: str) -> RunLog:
-        """Take the lease of an interrupted child run and mark it RUNNING again, to resume it in place."""
-        self.client.set_tag(run_id, LEASE_TAG, lease_value())
-        self.client.update_run(run_id, status="RUNNING")
-        self.heartbeat.hold(run_id)
-        return RunLog(self.client, run_id, self.heartbeat)
+    def reopen_child(self, run_id: str) -> RunLog | str:
+        """Take the lease of an interrupted child run and mark it RUNNING again, to resume it in place; or, when
+        another process took it meanwhile, that process (its owner, as lease_holder says it).
+
+        Two processes may find the same interrupted run at the same moment, and a tag is last-writer-wins, so the
+        lease is taken in two steps: write a claim tag of our own, read the run back, and take the lease only when
+        no other live claim and no live lease of another process is there; the claim is removed after the lease
+        is written. A process that reads after our claim sees the claim or the lease, and yields; two that see
+        each other's claims both step back and try again after a random pause."""
+        mine = CLAIM_PREFIX + hashlib.md5(_OWNER.encode(), usedforsecurity=False).hexdigest()[:12]
+        for _ in range(CLAIM_TRIES):
+            self.client.set_tag(run_id, mine, json.dumps({"owner": _OWNER, "at": round(time.time(), 1)}))
+            run = self.client.get_run(run_id)
+            tags = run.data.tags
+            holder = lease_holder(tags.get(LEASE_TAG, "")) if run.info.status == "RUNNING" else None
+            if holder is None and run.info.status == FINISHED:
+                holder = "a process that finished it meanwhile"
+            if holder is not None:
+                self.client.delete_tag(run_id, mine)
+                return holder
+            rivals = [k for k, v in tags.items() if k.startswith(CLAIM_PREFIX) and k != mine and _live_claim(v)]
+            if not rivals:
+                self.client.set_tag(run_id, LEASE_TAG, lease_value())
+                self.client.update_run(run_id, status="RUNNING")
+                self.heartbeat.hold(run_id)
+                self.client.delete_tag(run_id, mine)
+                return RunLog(self.client, run_id, self.heartbeat)
+            self.client.delete_tag(run_id, mine)
+            time.sleep(random.uniform(0.2, 2.0))
+        return "other processes that claim it at the same time"
 
     def finish_parent_if_complete(self, parent_id: str, config_ids: list[str]) -> bool:
         """Mark the parent FINISHED when every run of its search has FINISHED (the last pod of a Job does it)."""

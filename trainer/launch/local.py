@@ -273,7 +273,14 @@ def _open_run(spec: RunSpec, *, search_id: str, parent_id: str, tracker: Any, ec
     unfinished = [p for p in prior if p.status in ("RUNNING", "FAILED", "KILLED", "SCHEDULED")]
     log, resume = None, None
     if unfinished:
-        log = tracker.reopen_child(unfinished[0].run_id)
+        reopened = tracker.reopen_child(unfinished[0].run_id)
+        if isinstance(reopened, str):  # another process reopened it at the same moment, first
+            if wait:  # a pod: ask again (it finds the run FINISHED, or waits for the other's lease)
+                return _open_run(spec, search_id=search_id, parent_id=parent_id, tracker=tracker, echo=echo,
+                                 wait=wait)
+            echo(f"run {spec.index} {spec.name}: another process trains it ({reopened}); skipped here")
+            return RunOutcome(spec, "BUSY")
+        log = reopened
         resume, unreadable = _resume_state(spec, folder, log)
         what = "; ".join(unreadable)
         if resume is None:
