@@ -373,7 +373,7 @@ def test_rendered_worker_pods_share_the_study_and_the_last_one_closes_the_parent
         pods.append(subprocess.Popen([sys.executable, "-m", "trainer", *command[1:]], cwd=work, env=env,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = [p.communicate(timeout=600) for p in pods]
-    assert [p.returncode for p in pods] == [0, 0], [o[1][-2000:] for o in outs]
+    assert [p.returncode for p in pods] == [0, 0], "\n---\n".join(o[1][-2000:] for o in outs)
     client = MlflowClient(mlflow_server)
     parents, runs = children(client, "ad_k8s")
     assert [r.info.run_id for r in parents] == [parent]

@@ -190,7 +190,7 @@ def test_workers_starting_together_share_one_study_in_postgresql(postgres, tmp_p
                                  url], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for _ in range(3)]
     outs = [w.communicate(timeout=120) for w in workers]
-    assert [w.returncode for w in workers] == [0, 0, 0], [err[-2000:] for _, err in outs]
+    assert [w.returncode for w in workers] == [0, 0, 0], "\n---\n".join(err[-2000:] for _, err in outs)
     import optuna
 
     from trainer.launch import adaptive

@@ -370,7 +370,7 @@ def test_two_processes_reopening_one_interrupted_run_at_the_same_moment_resume_i
     procs = [subprocess.Popen([sys.executable, "-c", REOPENER, "reopen_race", str(start), *ids], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(err[-2000:] for _, err in outs)
     won: dict[str, int] = {}
     for out, _ in outs:
         for line in out.splitlines():
