@@ -93,16 +93,22 @@ CLAIM_S = 60.0  # a claim older than this is left over by a process that died wh
 CLAIM_TRIES = 8
 
 
+def other_live_owner(owner: str, until: float) -> bool:
+    """Whether `owner` (host:pid:start) is another process that holds something until `until`: not this process,
+    not expired, and not a process of this host that no longer exists."""
+    if owner == _OWNER or until < time.time():
+        return False
+    host, pid = owner.split(":")[:2]
+    return not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)))
+
+
 def _live_claim(value: str) -> bool:
     try:
         claim = json.loads(value)
         owner, at = str(claim["owner"]), float(claim["at"])
     except (ValueError, TypeError, KeyError):
         return False
-    if owner == _OWNER or at < time.time() - CLAIM_S:
-        return False
-    host, pid = owner.split(":")[:2]
-    return not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)))
+    return other_live_owner(owner, at + CLAIM_S)
 
 
 def lease_holder(value: str) -> str | None:
@@ -112,11 +118,9 @@ def lease_holder(value: str) -> str | None:
         owner, until = str(lease["owner"]), float(lease["until"])
     except (ValueError, TypeError, KeyError):
         return None
-    if owner == _OWNER or until < time.time():
+    if not other_live_owner(owner, until):
         return None
     host, pid = owner.split(":")[:2]
-    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
-        return None
     return f"process {host}:{pid}, lease until {time.strftime('%H:%M:%S', time.localtime(until))}"
 
 

@@ -272,6 +272,14 @@ def counted(study: Any, before: int | None = None) -> int:
                if _counts(t) and (before is None or t.number < before))
 
 
+def work_left(study: Any, trials: int) -> bool:
+    """Whether a worker has a trial to train: fewer than `trials` count, or a retry of a trial whose worker is gone
+    waits (WAITING counts already, in place of the lost one, and ask takes it first)."""
+    from optuna.trial import TrialState
+
+    return counted(study) < trials or bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def reclaim(study: Any, echo: Echo) -> None:
     """Fail and re-enqueue the trials whose process is gone: stale Optuna heartbeats (any host), and at once the
     RUNNING trials of processes of this host that no longer exist (a kill -9, then a rerun)."""
@@ -304,15 +312,14 @@ def gone(study: Any) -> set[int]:
     of this host that no longer exists. Reads only (reclaim, in the next worker, fails and re-enqueues them)."""
     from optuna.trial import TrialState
 
-    from trainer.tracking import _OWNER, lease_holder
+    from trainer.tracking import _OWNER, other_live_owner
 
     storage = study._storage
     stale = set(storage._get_stale_trial_ids(study._study_id)) if storage.get_heartbeat_interval() else set()
     out = set()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get(OWNER_ATTR)
-        dead_here = bool(owner) and owner != _OWNER and \
-            lease_holder(json.dumps({"owner": owner, "until": 4e9})) is None
+        dead_here = bool(owner) and owner != _OWNER and not other_live_owner(owner, math.inf)
         if t._trial_id in stale or dead_here:
             out.add(t.number)
     return out
@@ -388,7 +395,6 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
                                                     f"seed {p.sampler_seed}")
     reclaim(study, echo)  # trials of workers that are gone are retried first, within the budget
     done_before = counted(study)
-    retries = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
     echo(f"search {p.search_id}: {p.strategy} over {', '.join(p.searched_keys)}, {p.trials} trials "
          f"({done_before} counted already), prune {p.prune}; study {p.study_name} in {shown(storage_url)}; "
          f"experiment '{p.exp_name}' in {tracker.uri}")
@@ -396,15 +402,13 @@ def run_study(p: Plan, *, data_root: str | None = None, echo: Echo = print, prog
     cache = DataCache()
     rejected = 0
     status = "FINISHED"
-    nothing = done_before >= p.trials and not retries
+    nothing = not work_left(study, p.trials)
     if owns_parent and not nothing:
         tracker.reopen_parent(parent_id)
     try:
         while True:
             reclaim(study, echo)
-            # a WAITING trial (a retry of one whose worker is gone) is within the budget and taken first by ask
-            waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-            if counted(study) >= p.trials and not waiting:
+            if not work_left(study, p.trials):
                 break
             trial = study.ask()
             trial.set_user_attr(OWNER_ATTR, _OWNER)

@@ -164,6 +164,23 @@ def _plot(state: SearchState, folder: Path) -> Path | None:
     return plot_search(rows, keys, "best_val_pearson", folder / PLOT_FILE)
 
 
+def _log_summary(log: Any, search: Any, parent_id: str, status: str, lines: list[str],
+                 plot: Callable[[Path], Path | None] | None = None) -> None:
+    """Log SUMMARY_FILE (a heading with the new status and when, then `lines`) to the parent run, and the plot
+    that `plot` makes in the same folder, if any."""
+    closed = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    heading = (f"search {search.search_id}, experiment '{search.exp_name}', parent run {parent_id}: {status} "
+               f"({CLOSED_BY}, {closed})")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        (folder / SUMMARY_FILE).write_text("\n".join([heading, "", *lines, ""]))
+        files = [("summary", folder / SUMMARY_FILE)]
+        made = plot(folder) if plot else None
+        if made is not None:
+            files.append(("plots", made))
+        log.log_files({}, files)
+
+
 def finish(tracker: Any, state: SearchState, *, plots: bool = True, force: bool = False) -> str:
     """Log the summary table (and the search plot) to the parent run and end it FINISHED when every run is,
     else FAILED. Refuses while a pod still trains a run, unless `force`. Returns the parent's new status."""
@@ -177,18 +194,9 @@ def finish(tracker: Any, state: SearchState, *, plots: bool = True, force: bool 
                         "wait until the Job is done (kubectl wait --for=condition=complete job/<name>), or pass "
                         "--force to close the parent run now")
     status = FINISHED if not state.unfinished else "FAILED"
-    closed = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    text = "\n".join([f"search {state.search.search_id}, experiment '{state.search.exp_name}', parent run "
-                      f"{state.parent_id}: {status} ({CLOSED_BY}, {closed})", "", *report(state)[:-1], ""])
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        (folder / SUMMARY_FILE).write_text(text)
-        files = [("summary", folder / SUMMARY_FILE)]
-        plot = _plot(state, folder) if plots else None
-        if plot is not None:
-            files.append(("plots", plot))
-        log = tracker.run_log(state.parent_id)
-        log.log_files({}, files)
+    log = tracker.run_log(state.parent_id)
+    _log_summary(log, state.search, state.parent_id, status, report(state)[:-1],
+                 (lambda folder: _plot(state, folder)) if plots else None)
     n_done = len(state.outcome.runs) - len(state.unfinished)
     log.set_tag("runs_finished", f"{n_done}/{len(state.outcome.runs)}")
     log.set_tag("runs_not_finished", ",".join(str(r.spec.index) for r in state.unfinished))
@@ -252,17 +260,16 @@ class StudyState:
     @property
     def done(self) -> list[int]:
         """Trials that count and ended: COMPLETE, PRUNED, or FAIL because their run failed."""
-        return self.numbers("COMPLETE", "PRUNED", "FAILED_RUN")
+        return self.numbers("COMPLETE", "PRUNED", "FAILED")
 
     @property
     def missing(self) -> int:
         return max(0, self.plan.trials - len(self.done))
 
     def counts(self) -> str:
-        order = ["COMPLETE", "PRUNED", "RUNNING", "WAITING", LOST_TRIAL, "FAILED_RUN"]
-        names = {"FAILED_RUN": "FAILED"}
+        order = ["COMPLETE", "PRUNED", "RUNNING", "WAITING", LOST_TRIAL, "FAILED"]
         n = {s: len(self.numbers(s)) for s in order}
-        return ", ".join(f"{n[s]} {names.get(s, s)}" for s in order if n[s] or s == "COMPLETE")
+        return ", ".join(f"{n[s]} {s}" for s in order if n[s] or s == "COMPLETE")
 
 
 def read_study_state(tracker: Any, p: Any, storage_url: str, parent_run_id: str | None = None) -> StudyState:
@@ -285,7 +292,7 @@ def read_study_state(tracker: Any, p: Any, storage_url: str, parent_run_id: str 
         elif label == "WAITING":
             state.why[t.number] = "waiting for a worker (a retry of an interrupted trial)"
         elif label == "FAIL" and note == "failed":
-            label = "FAILED_RUN"
+            label = "FAILED"  # its run failed: counted (Optuna's FAIL of the other kinds are not)
             run_id = t.user_attrs.get("mlflow_run_id", "")
             error = tracker.client.get_run(run_id).data.tags.get("error", "") if run_id else ""
             state.why[t.number] = f"its run failed: {_first_line(error)}" if error else "its run failed"
@@ -310,9 +317,8 @@ def study_report(state: StudyState) -> list[str]:
             continue
         value = table["best_val_pearson"][i]
         shown = f"{value:.4f}" if isinstance(value, float) and math.isfinite(value) else "-"
-        label = state.states[number].replace("FAILED_RUN", "FAILED")
         values = "  ".join(f"{k}={short_value(table[k][i])}" for k in keys if k in table)
-        lines.append(f"{number:>5}  {label:<9} {shown:>10} {table['epochs'][i]:>6}  "
+        lines.append(f"{number:>5}  {state.states[number]:<9} {shown:>10} {table['epochs'][i]:>6}  "
                      f"{table['mlflow_run_id'][i] or '-':<32}  {values}")
     for number, why in state.why.items():
         if state.states.get(number) not in ("COMPLETE", "PRUNED"):
@@ -337,16 +343,11 @@ def finish_study(tracker: Any, state: StudyState, *, plots: bool = True, force: 
         raise UserError(f"search {state.plan.search_id}: {len(running)} trial(s) still training (trial "
                         f"{', '.join(map(str, running[:5]))}); wait until the Job is done, or pass --force to close "
                         "the parent run now")
-    ok = not state.missing and not state.numbers("FAILED_RUN", LOST_TRIAL, "RUNNING", "WAITING")
+    ok = not state.missing and not state.numbers("FAILED", LOST_TRIAL, "RUNNING", "WAITING")
     status = FINISHED if ok else "FAILED"
     adaptive._close(state.study, state.plan, tracker, state.parent_id, plots, echo, end=False)
-    closed = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    text = "\n".join([f"search {state.plan.search_id}, experiment '{state.plan.exp_name}', parent run "
-                      f"{state.parent_id}: {status} ({CLOSED_BY}, {closed})", "", *study_report(state)[:-1], ""])
     log = tracker.run_log(state.parent_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / SUMMARY_FILE).write_text(text)
-        log.log_files({}, [("summary", Path(tmp) / SUMMARY_FILE)])
+    _log_summary(log, state.plan, state.parent_id, status, study_report(state)[:-1])
     log.set_tag("trials_done", f"{len(state.done)}/{state.plan.trials}")
     log.set_tag("closed_by", CLOSED_BY)
     tracker.end_parent(state.parent_id, status)

@@ -116,6 +116,15 @@ def _load_search(hyperparams: str, hyperranges: str | None) -> tuple[Any, dict[s
     return s, files
 
 
+def _grid_refuses(trials: int | None, prune: str, sampler_seed: int | None, storage: tuple[str, str | None],
+                  advice: str) -> None:
+    """One line naming the sampled strategies' options given to a grid (`storage`: the option's name and value)."""
+    given = [f"--{n}" for n, v in (("trials", trials), ("prune", prune != "none"), ("sampler-seed", sampler_seed),
+                                   storage) if v]
+    if given:
+        raise UserError(f"{', '.join(given)} apply to the sampled strategies; {advice}")
+
+
 def _load_study(hyperparams: str, hyperranges: str | None, strategy: str, trials: int | None, prune: str,
                 sampler_seed: int | None, workers: int, storage_secret: str | None,
                 pack: int) -> tuple[Any, dict[str, dict[str, Any]], Any]:
@@ -258,10 +267,8 @@ def render(hyperparams: str, hyperranges: str | None, image: str, tracking_uri: 
 
     study = None
     if strategy == "grid":
-        given = [f"--{n}" for n, v in (("trials", trials), ("prune", prune != "none"), ("sampler-seed", sampler_seed),
-                                       ("study-storage-secret", study_storage_secret)) if v]
-        if given:
-            raise UserError(f"{', '.join(given)} apply to the sampled strategies; add --strategy tpe (or random)")
+        _grid_refuses(trials, prune, sampler_seed, ("study-storage-secret", study_storage_secret),
+                      "add --strategy tpe (or random)")
         s, files = _load_search(hyperparams, hyperranges)
     else:
         s, files, study = _load_study(hyperparams, hyperranges, strategy, trials, prune, sampler_seed, workers,
@@ -330,11 +337,8 @@ def _read(ctx: click.Context, hyperparams: str, hyperranges: str | None, trackin
 
     strategy, storage = sampled["strategy"], sampled["study_storage"]
     if strategy == "grid":
-        given = [f"--{n}" for n, v in (("trials", sampled["trials"]), ("prune", sampled["prune"] != "none"),
-                                       ("sampler-seed", sampled["sampler_seed"]), ("study-storage", storage)) if v]
-        if given:
-            raise UserError(f"{', '.join(given)} apply to the sampled strategies; add the --strategy the search was "
-                            "rendered with")
+        _grid_refuses(sampled["trials"], sampled["prune"], sampled["sampler_seed"], ("study-storage", storage),
+                      "add the --strategy the search was rendered with")
         s, _ = _load_search(hyperparams, hyperranges)
     else:
         from trainer.launch import adaptive
