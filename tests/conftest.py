@@ -22,6 +22,10 @@ SEED_README = ROOT.parent / "shared" / "seed" / "torchdeepretina-training-readme
 # end-to-end tests' subprocesses keep torch's default.
 torch.set_num_threads(1)
 
+# The analyses after training (a few seconds per run) are off in the CLI subprocesses of the tests about other
+# things, which inherit this environment; the tests of the analyses turn them on (`search --analysis`).
+os.environ["RETINA_ANALYSIS"] = "false"
+
 # Small shapes: every test trains in seconds on 2 CPU cores.
 SMALL = {"img_shape": [10, 12, 12], "chans": [4, 4], "ksizes": [5, 3, 3], "batch_size": 128}
 

@@ -92,6 +92,13 @@ def main() -> None:
     """
 
 
+# search and run-index: whether each run does its analyses (its `analysis` setting) after its evaluation
+ANALYSIS_OPTION = click.option(
+    "--analysis/--no-analysis", default=True, show_default=True, envvar="RETINA_ANALYSIS", show_envvar=True,
+    help="Run each run's analyses (receptive fields, retinal phenomena, interneurons, attribution: its `analysis` "
+         "setting, docs/analysis.md) after its evaluation; --no-analysis skips them for every run "
+         "(`retina-trainer analyze` runs them later).")
+
 # search and run-index: whether each run's final evaluation also draws its plots
 PLOTS_OPTION = click.option(
     "--plots/--no-plots", default=True, show_default=True, envvar="RETINA_PLOTS", show_envvar=True,
@@ -201,9 +208,10 @@ def expand(hyperparams: str, hyperranges: str | None, as_json: bool, pack: int) 
               help="Attach the trials to this parent run (a Kubernetes worker of `k8s render --strategy`); "
                    "sampled strategies only.")
 @PLOTS_OPTION
+@ANALYSIS_OPTION
 def search(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool, pack: int,
            strategy: str, trials: int | None, prune: str, sampler_seed: int | None, study_storage: str | None,
-           parent_run_id: str | None, plots: bool) -> None:
+           parent_run_id: str | None, plots: bool, analysis: bool) -> None:
     """Train every run of a search and log each to MLflow as a child of one search run.
 
     Logs to $MLFLOW_TRACKING_URI when set, else to the embedded store in the working directory (open it with
@@ -220,7 +228,7 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
     """
     if strategy != "grid":
         _search_sampled(hyperparams, hyperranges, data_root, progress, pack, strategy, trials, prune, sampler_seed,
-                        study_storage, parent_run_id, plots)
+                        study_storage, parent_run_id, plots, analysis)
         return
     given = [f"--{n}" for n, v in (("trials", trials), ("prune", prune != "none"), ("sampler-seed", sampler_seed),
                                    ("parent-run-id", parent_run_id)) if v]
@@ -228,9 +236,12 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
         raise ConfigError(f"{', '.join(given)} apply to the sampled strategies; add --strategy tpe (or random), or "
                           "leave them out for a grid search")
     from trainer.search import expand as do_expand
+    from trainer.search import without_analysis
 
     s = do_expand(hyperparams, hyperranges)
     _warn(s.warnings)
+    if not analysis:
+        s = without_analysis(s)
     files = {"hyperparams.json": config.read_json(hyperparams, "hyperparams")}
     if hyperranges:
         files["hyperranges.json"] = config.read_json(hyperranges, "hyperranges")
@@ -250,8 +261,10 @@ def search(hyperparams: str, hyperranges: str | None, data_root: str | None, pro
 
 def _search_sampled(hyperparams: str, hyperranges: str | None, data_root: str | None, progress: bool, pack: int,
                     strategy: str, trials: int | None, prune: str, sampler_seed: int | None,
-                    study_storage: str | None, parent_run_id: str | None, plots: bool) -> None:
+                    study_storage: str | None, parent_run_id: str | None, plots: bool, analysis: bool) -> None:
     """`search --strategy random|tpe`: this process is one worker of the plan's Optuna study."""
+    import dataclasses
+
     from trainer.launch import adaptive
 
     if pack > 1:
@@ -259,6 +272,8 @@ def _search_sampled(hyperparams: str, hyperranges: str | None, data_root: str | 
                           "(its pruner judges each run's epochs); leave out --pack or use --strategy grid")
     plan = adaptive.plan(hyperparams, hyperranges, strategy, trials, prune, sampler_seed)
     _warn(list(plan.warnings))
+    if not analysis:  # not part of the study's identity (analysis is not an identity key)
+        plan = dataclasses.replace(plan, base={**plan.base, "analysis": "none"})
     files = {"hyperparams.json": config.read_json(hyperparams, "hyperparams")}
     if hyperranges:
         files["hyperranges.json"] = config.read_json(hyperranges, "hyperranges")
@@ -290,8 +305,9 @@ def _search_sampled(hyperparams: str, hyperranges: str | None, data_root: str | 
               help="INDEX numbers packs of up to K runs (as `k8s render --pack K` and `search --pack K` group "
                    "them), and the pack's runs train together on one batch stream.")
 @PLOTS_OPTION
+@ANALYSIS_OPTION
 def run_index(hyperparams: str, hyperranges: str | None, index: int, parent_run_id: str,
-              data_root: str | None, pack: int, plots: bool) -> None:
+              data_root: str | None, pack: int, plots: bool, analysis: bool) -> None:
     """Train one run of a search (or one pack of runs): the pod command of a Kubernetes Indexed Job.
 
     Expands the same files as `expand`, takes run number INDEX (with --pack K, pack number INDEX), and trains it
@@ -301,9 +317,12 @@ def run_index(hyperparams: str, hyperranges: str | None, index: int, parent_run_
     1 on an unexpected failure.
     """
     from trainer.search import expand as do_expand
+    from trainer.search import without_analysis
 
     s = do_expand(hyperparams, hyperranges)
     _warn(s.warnings)
+    if not analysis:
+        s = without_analysis(s)
     from trainer.launch.local import run_index as do_run_index
 
     _on_sigterm()
@@ -375,7 +394,7 @@ def evaluate(model: str, recording: str | None, data_root: str | None, out: str 
     """
     from pathlib import Path
 
-    from trainer.data.recording import load_data, recording_path, resolve_data_root
+    from trainer.data.recording import load_data
     from trainer.evaluation.report import REPORT_FILES, evaluate_predictions, write_report
     from trainer.inference import load_model
 
@@ -385,6 +404,26 @@ def evaluate(model: str, recording: str | None, data_root: str | None, out: str 
             raise UserError(f"{out} already holds {', '.join(sorted(existing))} of an earlier evaluation; pass "
                             "--force to replace them or choose another --out")
     loaded = load_model(model)
+    cfg = loaded.config
+    path = _recording_for(loaded, recording, data_root, "the scores are of this file")
+    data = load_data(path, cells=loaded.cell_ids, img_shape=cfg["img_shape"], val_frac=cfg["val_frac"])
+    pred = loaded.predict(data.test.stimulus).astype("float64")
+    ev = evaluate_predictions(pred, data)
+    click.echo(f"{loaded.source} (epoch {loaded.epoch}) on {path}: {ev.repeats_note}")
+    click.echo(ev.table.rstrip())
+    if out:
+        write_report(ev, pred, data, loaded.model, [], Path(out))
+        click.echo(f"wrote {', '.join(str(p) for _, p in ev.files)}")
+
+
+def _recording_for(loaded: Any, recording: str | None, data_root: str | None, what: str) -> Any:
+    """The recording to score or analyse a model on: `recording` as given, else the file the model's run was
+    trained on (its MLflow dataset input) when it is there and no data root is given, else <data root>/<dataset>/
+    <stim_type>.h5 (which may not exist). A file other than the one the run trained on is warned about."""
+    from pathlib import Path
+
+    from trainer.data.recording import recording_path, resolve_data_root
+
     cfg = loaded.config
     trained_on = None
     if loaded.run_id:
@@ -403,16 +442,113 @@ def evaluate(model: str, recording: str | None, data_root: str | None, out: str 
         digest = recording_digest(path)
         if digest != trained_on[1]:
             click.echo(f"warning: {path} is not the file run {loaded.run_id} was trained on (digest {digest}; it "
-                       f"trained on {trained_on[0]}, digest {trained_on[1]}): the scores are of this file",
-                       err=True)
-    data = load_data(path, cells=loaded.cell_ids, img_shape=cfg["img_shape"], val_frac=cfg["val_frac"])
-    pred = loaded.predict(data.test.stimulus).astype("float64")
-    ev = evaluate_predictions(pred, data)
-    click.echo(f"{loaded.source} (epoch {loaded.epoch}) on {path}: {ev.repeats_note}")
-    click.echo(ev.table.rstrip())
-    if out:
-        write_report(ev, pred, data, loaded.model, [], Path(out))
-        click.echo(f"wrote {', '.join(str(p) for _, p in ev.files)}")
+                       f"trained on {trained_on[0]}, digest {trained_on[1]}): {what}", err=True)
+    return path
+
+
+@main.command()
+@click.argument("model")
+@click.option("--recording", type=click.Path(dir_okay=False), default=None,
+              help="Recording the model was trained on, for the ground truth of a synthetic one, the attribution's "
+                   "stimulus and the interneurons beside it (default: as for evaluate; without one, those parts "
+                   "use white noise or are skipped).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Data root for the default recording (as for evaluate).")
+@click.option("--interneurons", multiple=True, type=click.Path(), metavar="FILE_OR_DIR",
+              help="Interneuron recordings in the original's layout (an h5 file per cell type with group boxes, or "
+                   "a folder of them); repeatable. Default: the folder interneurons/ beside the recording.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Folder for the files (receptive_fields.h5, phenomena.json, interneurons.csv, attribution.json, "
+                   "analysis.json, plots). Default: none for a model from MLflow (the files are logged to its run), "
+                   "<checkpoint folder>/analysis for a checkpoint file.")
+@click.option("--only", default=None, metavar="NAMES",
+              help="Comma-separated analyses to run: receptive_fields, phenomena, interneurons, attribution, or "
+                   "single phenomena (e.g. oms,osr). Default: all that apply to the model.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present), cpu, cuda, cuda:N, mps.")
+@click.option("--no-plots", "no_plots", is_flag=True, help="Write the data files only.")
+@click.option("--force", is_flag=True, help="Replace the files of an earlier analysis in --out.")
+def analyze(model: str, recording: str | None, data_root: str | None, interneurons: tuple[str, ...],
+            out: str | None, only: str | None, device: str, no_plots: bool, force: bool) -> None:
+    """Run the analyses the original ran after training on MODEL: receptive fields (STAs), the retinal
+    phenomena, hidden units against recorded interneurons (with an untrained control) and attribution.
+
+    MODEL is a checkpoint file, models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID or a run id. A model from
+    MLflow gets the metrics (analysis_*) and files (analysis/, plots/analysis/) logged to its run. What each
+    analysis computes: docs/analysis.md. Every run of a search does the same at its end (`analysis` setting).
+    """
+    from pathlib import Path
+
+    from trainer import analysis
+
+    names = analysis.parse_only(only) if only else list(analysis.PARTS)
+    required = frozenset(names if only else ()) | (frozenset({"interneurons"}) if interneurons and
+                                                   "interneurons" in names else frozenset())
+    from trainer.analysis.run import FILES
+    from trainer.inference import load_model
+    from trainer.training.trainer import resolve_device
+
+    loaded = load_model(model)
+    target = Path(out) if out else None if loaded.run_id else Path(model).parent / "analysis"
+    if target is not None and not force:
+        existing = sorted(p.name for p in target.glob("*") if p.name in FILES) if target.is_dir() else []
+        if existing:
+            raise UserError(f"{target} already holds {', '.join(existing)} of an earlier analysis; pass --force to "
+                            "replace them or choose another --out")
+    path = _recording_for(loaded, recording, data_root, "the analysis is of the model on this file")
+    if recording and not path.is_file():
+        raise UserError(f"recording not found: {path}")
+    rec = path if path.is_file() else None
+    if rec is None:
+        click.echo(f"note: no recording at {path}: receptive fields are not compared with a ground truth and the "
+                   "attribution uses white noise (give --recording)", err=True)
+    loaded.model.to(resolve_device(device))
+    _analyze_into(loaded, target, names, required, rec, [Path(p) for p in interneurons], not no_plots)
+
+
+def _analyze_into(loaded: Any, target: Any, names: list[str], required: frozenset[str], rec: Any,
+                  interneurons: list[Any], plots: bool) -> None:
+    """Analyse into a temporary folder; log to the model's run; only then move the files into `target`, so that a
+    failure leaves neither a half-written folder nor a half-logged run."""
+    import os
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from trainer.analysis.run import FILES, Model
+    from trainer.analysis.run import analyze as do_analyze
+
+    parent = target.parent if target is not None else None
+    if parent is not None:
+        parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".analysis.", dir=parent))
+    try:
+        report = do_analyze(Model(loaded.model, loaded.config, loaded.cell_ids, loaded.mean, loaded.std), tmp,
+                            names, recording=rec, interneurons=interneurons or None, required=required,
+                            plots=plots, source=loaded.source, echo=lambda m: click.echo(m, err=True))
+        if loaded.run_id:
+            from trainer.tracking import log_evaluation
+
+            log_evaluation(loaded.run_id, report.metrics, report.files)
+        written = []
+        if target is not None:
+            target.mkdir(parents=True, exist_ok=True)
+            for old in target.glob("*"):
+                if old.name in FILES and old.is_file():
+                    old.unlink()  # an earlier analysis's file this one does not replace
+            for _, f in report.files:
+                os.replace(f, target / f.name)
+                written.append(target / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for name, why in report.skipped.items():
+        click.echo(f"note: {name} skipped: {why}", err=True)
+    width = max(len(k) for k in report.metrics)
+    for key in sorted(report.metrics):
+        click.echo(f"{key.ljust(width)}  {report.metrics[key]:.4g}")
+    if written:
+        click.echo(f"wrote {len(written)} files to {target}")
+    if loaded.run_id:
+        click.echo(f"logged to MLflow run {loaded.run_id}")
 
 
 @main.command()

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from trainer import analysis as analysis_names
 from trainer.errors import ConfigError
 
 # Model classes and training loops that exist (kept here so config stays torch-free; a test checks they match the
@@ -33,7 +34,7 @@ class Param:
     """One hyperparameter: its type, default, help text, and an optional range check."""
 
     name: str
-    kind: str  # str | int | float | bool | ints | strs | cells | optstr
+    kind: str  # str | int | float | bool | ints | strs | cells | optstr | analysis
     default: Any
     help: str
     section: str
@@ -227,6 +228,23 @@ SCHEMA: tuple[Param, ...] = (
       "retinotopic", _ge(0)),
     P("semantic_l1", "float", 0.0, "L1 penalty on the one-hot read-out weights (retinotopic_loop): semantic_l1 x "
       "the mean over cells of the L1 norm of each cell's weights, as the original.", "retinotopic", _ge(0)),
+    # --- analysis after training (trainer/analysis, docs/analysis.md) ------------------------------------------
+    P("analysis", "analysis", "all", "Analyses each run does after its evaluation, on its best checkpoint, logged "
+      "with it (docs/analysis.md): \"all\", \"none\", or a list of receptive_fields, phenomena, interneurons, "
+      "attribution and single phenomena (step_response, paired_flash, reversing_grating, contrast_adaptation, oms, "
+      "osr, motion_reversal, motion_anticipation). `search --no-analysis` is \"none\" for every run.", "analysis",
+      analysis_names.check, identity=False,
+      original="the analysis pipeline (analysis.py: analysis_pipeline) ran as a separate step over the run folders"),
+    P("analysis_sta_hold", "int", 3, "Receptive fields: each white-noise frame of the STA is held this many bins, "
+      "as the published recordings hold each stimulus frame 3 bins (1: a new frame every bin, the original's "
+      "noise). A model's receptive field is measured in the temporal statistics it was trained on: on the synthetic "
+      "subunit recordings the maps matched the true cells' at r >= 0.97 held 3, >= 0.86 held 1 "
+      "(benchmarks/analysis.py).", "analysis", _ge(1), identity=False,
+      original="utils.compute_sta: a new Gaussian frame every bin (hold 1)"),
+    P("analysis_interneurons", "optstr", None, "Interneuron recordings for the interneurons analysis: an h5 file or a "
+      "folder of them in the original's layout (one file per cell type, group boxes). null: the folder "
+      "interneurons/ beside the recording, when there is one.", "analysis", identity=False,
+      original="read from ~/interneuron_data, a fixed path"),
 )
 del P
 
@@ -293,7 +311,7 @@ ORIGINAL_ONLY_MODELS = {
     "MultiDataBNCNN": "train one BNCNN per recording", "ParallelDataBNCNN": "train one BNCNN per recording",
     "KineticsModel": "recurrent kinetics models are not provided",
 }
-NOT_SEARCHABLE = ("n_repeats", "exp_name")
+NOT_SEARCHABLE = ("n_repeats", "exp_name", "analysis", "analysis_sta_hold", "analysis_interneurons")
 
 
 @dataclass
@@ -351,7 +369,8 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
 def _type_name(kind: str) -> str:
     return {"str": "a string", "optstr": "a string or null", "int": "an integer", "float": "a number",
             "bool": "true or false", "ints": "a list of integers", "strs": "a list of strings",
-            "cells": "\"all\" or a list of integers"}[kind]
+            "cells": "\"all\" or a list of integers",
+            "analysis": "\"all\", \"none\" or a list of analysis names"}[kind]
 
 
 INT_LIMIT = 2**63  # integers beyond this fit neither torch nor numpy
@@ -401,6 +420,10 @@ def _coerce(p: Param, value: Any, where: str) -> Any:
         if item is int and any(not -INT_LIMIT <= x < INT_LIMIT for x in value):
             raise ConfigError(f"{where}: {p.name} entries must be integers below 2^63 in size")
         value = list(value)
+    elif k == "analysis":
+        if value not in ("all", "none") and not (isinstance(value, list) and all(isinstance(x, str) for x in value)):
+            raise bad
+        value = list(value) if isinstance(value, list) else value
     elif k == "cells":
         if value == "all":
             pass

@@ -6,6 +6,7 @@ ranges in the file's key order (first key outermost), each combination repeated 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -136,13 +137,20 @@ def expand(hyperparams: str | Path, hyperranges: str | Path | None = None) -> Se
 # ---- packing: runs that can train together on one device, sharing each batch -------------------------------------
 
 # The settings in which the members of a pack may differ: the optimiser, the stopping rule and the seed (each member
-# builds its own initial weights from it). Every other setting (recording, architecture, batch size, loss, precision,
-# device) must be equal, since the pack runs one forward pass over one batch stream.
+# builds its own initial weights from it), and what each analyses after training. Every other setting (recording,
+# architecture, batch size, loss, precision, device) must be equal, since the pack runs one forward pass over one
+# batch stream.
 PACK_MEMBER_KEYS = frozenset({
     "seed", "lr", "l2", "l1", "n_epochs", "early_stopping", "save_every_epoch",
     "scheduler", "scheduler_scale", "scheduler_patience", "scheduler_thresh", "scheduler_milestones",
-    "scheduler_gamma",
+    "scheduler_gamma", "analysis", "analysis_sta_hold", "analysis_interneurons",  # each member's own analyses
 })
+
+
+def without_analysis(search: Search) -> Search:
+    """The same search with `analysis` "none" for every run (`search --no-analysis`); run identities unchanged."""
+    runs = tuple(dataclasses.replace(r, config={**r.config, "analysis": "none"}) for r in search.runs)
+    return dataclasses.replace(search, runs=runs)
 
 
 def pack_key(cfg: dict[str, Any]) -> str | None:

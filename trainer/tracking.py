@@ -202,9 +202,12 @@ class RunLog:
             shutil.copyfile(path, target)
             self.client.log_artifact(self.run_id, str(target), "checkpoints")
 
-    def log_files(self, metrics: dict[str, float], files: list[tuple[str, Path]], step: int = 0) -> None:
-        """Log scalar results and files (artifact folder, path), e.g. an evaluation's table and plots."""
-        self.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step, once=True)  # NaN left out
+    def log_files(self, metrics: dict[str, float], files: list[tuple[str, Path]], step: int = 0,
+                  once: bool = True) -> None:
+        """Log scalar results and files (artifact folder, path), e.g. an evaluation's table and plots; with `once`,
+        metrics already logged at `step` are left as they are (a rerun of an interrupted run), else logged again
+        (the newer value is the one MLflow shows)."""
+        self.log_metrics({k: v for k, v in metrics.items() if v == v}, step=step, once=once)  # NaN left out
         for folder, path in files:
             self.client.log_artifact(self.run_id, str(path), folder)
 
@@ -281,8 +284,19 @@ class RunLog:
         entity = MetaDataset(source, name=f"{dataset}/{stim_type}", digest=digest)._to_mlflow_entity()
         splits = (f"training: group train without its last {val_frac:g}; validation: that last {val_frac:g} after a "
                   "gap of one window; test: group test")
-        self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=[
-            InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("splits", splits)])])
+        inputs = [DatasetInput(entity, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training"), InputTag("splits", splits)])]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+                return
+            except MlflowException as exc:
+                # Two processes logging the same new dataset at one moment (pods of a Job starting together): the
+                # server's insert of the second fails on its unique key; once the first is in, logging it works.
+                text = str(exc)
+                if attempt == 2 or not ("UNIQUE constraint failed: datasets" in text or
+                                        "duplicate key value" in text and "datasets" in text):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
 
     def log_table(self, table: dict[str, list[Any]], artifact_file: str) -> None:
         """A table (column -> values) as an MLflow table artifact, so `mlflow.load_table` reads a search's at once."""
@@ -837,5 +851,7 @@ def recorded_recording(run_id: str) -> tuple[str, str] | None:
 
 
 def log_evaluation(run_id: str, metrics: dict[str, float], files: list[tuple[str, Path]]) -> None:
-    """Attach evaluation metrics and files (tables, plots) to a run, e.g. one scored again later."""
-    RunLog(MlflowClient(), run_id).log_files(metrics, files)
+    """Attach metrics and files (tables, plots) to a run, e.g. one analysed again later: the new values replace
+    what the run showed, same-named files replace the earlier ones."""
+    client = _existing_store_client()
+    RunLog(client, run_id).log_files(metrics, files, once=False)

@@ -52,9 +52,13 @@ def check(file: Path, history: int, val_frac: float) -> None:
 @click.option("--history", type=int, default=40, show_default=True,
               help="Model history in bins; temporal filters are kept shorter than it.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same file.")
+@click.option("--interneurons", "intr_frames", type=int, default=0, metavar="FRAMES",
+              help="Also write DIR/<dataset>/interneurons/bipolars.h5: the membrane potentials of the generator's "
+                   "subunits (its 'bipolar cells') on FRAMES bins of a separate boxes stimulus, in the original's "
+                   "interneuron layout (for `retina-trainer analyze`).")
 @click.option("--force", is_flag=True, help="Replace an existing file.")
 def synth(directory: Path, dataset: str, stim_type: str, n_cells: int, size: int, train_frames: int,
-          test_frames: int, n_repeats: int, history: int, seed: int, force: bool) -> None:
+          test_frames: int, n_repeats: int, history: int, seed: int, intr_frames: int, force: bool) -> None:
     """Write a synthetic recording from a known ground-truth retina.
 
     The file is DIR/<dataset>/<stim_type>.h5 in the published layout.
@@ -67,6 +71,10 @@ def synth(directory: Path, dataset: str, stim_type: str, n_cells: int, size: int
 
     path = write_synthetic(directory, dataset, stim_type, n_cells=n_cells, size=size,
                            train_frames=train_frames, test_frames=test_frames, n_repeats=n_repeats,
-                           history=history, seed=seed, overwrite=force)
+                           history=history, seed=seed, overwrite=force, interneurons=intr_frames)
     click.echo(str(path))
+    if intr_frames:
+        from trainer.data.synth import INTERNEURON_FILE
+
+        click.echo(str(path.parent / INTERNEURON_FILE))
     click.echo(describe_synthetic(path))

@@ -4,7 +4,16 @@ The stimulus is a binary white-noise checkerboard, each frame held for 3 bins of
 either linear-nonlinear (difference-of-Gaussians field, biphasic temporal filter, softplus) or a subunit cell
 (small ON and OFF subunits with the cell's temporal filter, rectified above a threshold, summed with positive
 weights, then a softplus). Spikes are Poisson per bin. The true rates are stored under `ground_truth`, which
-the loader ignores, so tests and benchmarks can compare a fitted model with the truth and with the recording.
+the loader ignores, so tests and benchmarks can compare a fitted model with the truth and with the recording; so
+are each cell's receptive field (`sta`: the spike-triggered average of its noise-free rate to Gaussian white
+noise, the analyses' noise, lags history..1 on the analyses' time axis), the signed sum of its fields
+(`spatial_filters`), its temporal filter and its polarity (for a subunit cell, that of most subunits).
+
+With `interneurons`, a second file in the original's interneuron layout (<root>/<dataset>/interneurons/
+bipolars.h5: group boxes with stimuli (T, H, W) 0/1 and detrended_membrane_potential (n, T)) holds the membrane
+potentials of the generator's own hidden subunits, the "bipolar cells" its subunit cells pool: each subunit's
+drive (its field and its cell's temporal filter applied to a separate binary checkerboard, the same statistics
+as the recording's), with its sign, z-scored, plus Gaussian noise of SD INTERNEURON_NOISE.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ GENERATOR = "trainer.data.synth"
 HOLD_BINS = 3  # each stimulus frame is shown for 3 bins (~33 Hz), as in the published recordings
 MAX_FILTER_BINS = 30  # temporal filters span at most 300 ms (and always less than the history)
 SMOOTH_SIGMA_BINS = 1.0  # firing_rate_10ms: counts smoothed with a Gaussian of sigma 10 ms
+INTERNEURON_NOISE = 0.2  # SD of the recording noise added to the z-scored subunit potentials
+INTERNEURON_FILE = "interneurons/bipolars.h5"  # under <root>/<dataset>/
+TRUTH_SAMPLES = 400_000  # drive samples behind each cell's true STA (ground_truth/sta)
+TRUTH_HOLD = 3  # its noise holds each frame this many bins (analysis_sta_hold's default)
 
 
 @dataclass
@@ -131,32 +144,78 @@ def _softplus(x: np.ndarray) -> np.ndarray:
     return np.logaddexp(0.0, x)
 
 
-def _rates(cells: list[Cell], fields: list[np.ndarray], temporal: list[np.ndarray],
-           train_stim: np.ndarray, test_stim: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """True rates in Hz (n_cells, T) for train and test; every normalisation uses training statistics only."""
+def _rates(cells: list[Cell], fields: list[np.ndarray], temporal: list[np.ndarray], stimulus: np.ndarray,
+           norm: dict | None = None) -> tuple[np.ndarray, dict]:
+    """True rates in Hz (n_cells, T) for a stimulus (uint8 0/255 frames) and the training statistics that fix each
+    drive's scale: computed from this stimulus (and each cell's output scale calibrated to its target rate) when
+    `norm` is None, as for the training stimulus, else those given (the test stimulus)."""
     all_fields = np.concatenate(fields)
     kernels = [temporal[i] for i, f in enumerate(fields) for _ in range(f.shape[0])]
-    train_d, test_d = _drives(train_stim, all_fields, kernels), _drives(test_stim, all_fields, kernels)
-    mu, sd = train_d.mean(axis=1, keepdims=True), train_d.std(axis=1, keepdims=True)
-    train_d, test_d = (train_d - mu) / sd, (test_d - mu) / sd
-    train_rates, test_rates = [], []
+    d = _drives(stimulus, all_fields, kernels)
+    fit = norm is None
+    if norm is None:
+        norm = {"mu": d.mean(axis=1, keepdims=True), "sd": d.std(axis=1, keepdims=True), "g": []}
+    d = (d - norm["mu"]) / norm["sd"]
+    rates = []
     first = 0
-    for cell, f in zip(cells, fields, strict=True):
+    for i, (cell, f) in enumerate(zip(cells, fields, strict=True)):
         rows = slice(first, first + f.shape[0])
         first += f.shape[0]
         signs, weights = np.array(cell.subunit_signs)[:, None], np.array(cell.subunit_weights)[:, None]
         if cell.kind == "LN":
-            g_train, g_test = signs[0] * train_d[rows][0], signs[0] * test_d[rows][0]
+            g = signs[0] * d[rows][0]
+            if fit:
+                norm["g"].append(None)
         else:
-            g_train = (weights * np.maximum(signs * train_d[rows] - cell.threshold, 0)).sum(axis=0)
-            g_test = (weights * np.maximum(signs * test_d[rows] - cell.threshold, 0)).sum(axis=0)
-            m, s = g_train.mean(), g_train.std()
-            g_train, g_test = (g_train - m) / s, (g_test - m) / s
-        out_train = _softplus(cell.gain * (g_train - cell.offset))
-        cell.scale = float(cell.target_rate_hz / out_train.mean())
-        train_rates.append(cell.scale * out_train)
-        test_rates.append(cell.scale * _softplus(cell.gain * (g_test - cell.offset)))
-    return np.stack(train_rates), np.stack(test_rates)
+            g = (weights * np.maximum(signs * d[rows] - cell.threshold, 0)).sum(axis=0)
+            if fit:
+                norm["g"].append((g.mean(), g.std()))
+            m, sd = norm["g"][i]
+            g = (g - m) / sd
+        out = _softplus(cell.gain * (g - cell.offset))
+        if fit:
+            cell.scale = float(cell.target_rate_hz / out.mean())
+        rates.append(cell.scale * out)
+    return np.stack(rates), norm
+
+
+def _gradient_sta(cells: list[Cell], fields: list[np.ndarray], temporal: list[np.ndarray], norm: dict,
+                  size: int, history: int, rng: np.random.Generator, hold: int, n: int = TRUTH_SAMPLES) -> np.ndarray:
+    """Each true cell's STA to Gaussian white noise of contrast 1, each frame held `hold` bins: the noise of the
+    analyses' receptive fields, as they compute it, the mean gradient of the rate with respect to each frame.
+    (n_cells, history, size, size), index history-1 lag 1.
+
+    Exact up to a Monte Carlo mean of a few numbers: a cell's rate at a bin depends on its fields' drives only, and
+    its gradient with respect to the frame `lag` bins back is sum_k c_k(drives) * temporal[lag] * field_k; so the
+    STA is the temporal filter times sum_k E[c_k] field_k. Under this noise the drives are Gaussian with covariance
+    fields @ fields.T times the variance of the held noise through the temporal filter, which depends on where the
+    bin falls in a hold (each of the `hold` phases equally often): E[c_k] is averaged over `n` samples of them."""
+    out = np.zeros((len(cells), history, size * size))
+    first = 0
+    for i, (cell, f) in enumerate(zip(cells, fields, strict=True)):
+        rows = slice(first, first + f.shape[0])
+        first += f.shape[0]
+        kernel = np.concatenate([[0.0], temporal[i]])  # index = lag: the current frame is not seen
+        scales = []
+        for phase in range(hold):  # bin t's lags grouped by the hold they fall in: one frame value per group
+            groups = (np.arange(len(kernel)) + phase) // hold
+            scales.append(np.sqrt((np.bincount(groups, weights=kernel) ** 2).sum()))
+        w, v = np.linalg.eigh(f @ f.T)
+        drives = rng.standard_normal((n, f.shape[0])) @ (v * np.sqrt(np.clip(w, 0, None))).T
+        drives *= np.asarray(scales)[np.arange(n) % hold][:, None]
+        z = (drives - norm["mu"][rows, 0]) / norm["sd"][rows, 0]
+        signs, weights = np.array(cell.subunit_signs, dtype=np.float64), np.array(cell.subunit_weights)
+        if cell.kind == "LN":
+            g, slope, per_field = signs[0] * z[:, 0], 1.0, np.ones((n, 1))
+        else:
+            m, s_g = norm["g"][i]
+            g = ((weights * np.maximum(signs * z - cell.threshold, 0)).sum(axis=1) - m) / s_g
+            slope, per_field = 1.0 / s_g, weights * (signs * z - cell.threshold > 0)
+        gain_out = cell.scale * cell.gain / (1 + np.exp(-cell.gain * (g - cell.offset)))  # softplus' = sigmoid
+        c = (gain_out[:, None] * slope * per_field).mean(axis=0) * signs / norm["sd"][rows, 0]
+        lags = min(len(temporal[i]), history)
+        out[i, history - lags:] = np.outer(temporal[i][:lags][::-1], c @ f)
+    return out.reshape(len(cells), history, size, size)
 
 
 def _smooth(counts: np.ndarray) -> np.ndarray:
@@ -187,21 +246,33 @@ def _check_args(dataset: str, stim_type: str, n_cells: int, size: int, train_fra
 
 def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str = "whitenoise", *,
                     n_cells: int = 5, size: int = 20, train_frames: int = 20000, test_frames: int = 2000,
-                    n_repeats: int = 5, history: int = 40, seed: int = 0, overwrite: bool = False) -> Path:
-    """Simulate a ground-truth retina, write <root>/<dataset>/<stim_type>.h5 atomically, return its path."""
+                    n_repeats: int = 5, history: int = 40, seed: int = 0, overwrite: bool = False,
+                    interneurons: int = 0) -> Path:
+    """Simulate a ground-truth retina, write <root>/<dataset>/<stim_type>.h5 atomically, return its path. With
+    `interneurons` > 0, also <root>/<dataset>/interneurons/bipolars.h5 with that many frames of boxes stimulus
+    (see the module docstring)."""
     _check_args(dataset, stim_type, n_cells, size, train_frames, test_frames, n_repeats, history, seed)
     path = recording_path(root, dataset, stim_type)
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} already exists; pass --force to replace it (overwrite=True from Python)")
+    intr_path = path.parent / INTERNEURON_FILE
+    for target in (path, intr_path) if interneurons else (path,):
+        if target.exists() and not overwrite:
+            raise DataError(f"{target} already exists; pass --force to replace it (overwrite=True from Python)")
+    if interneurons and (n_cells < 2 or interneurons <= history):
+        raise DataError(f"synthetic interneurons: need --cells 2 or more (the odd-numbered cells have subunits) and "
+                        f"more --interneurons frames than the history {history}, got {n_cells} cells and "
+                        f"{interneurons} frames")
 
     # independent streams, so e.g. changing the test length leaves the cells and the train data unchanged
-    cell_ss, train_ss, test_ss, spike_ss = np.random.SeedSequence(seed).spawn(4)
+    cell_ss, train_ss, test_ss, spike_ss, boxes_ss, noise_ss, sta_ss = np.random.SeedSequence(seed).spawn(7)
     cell_seeds = np.random.default_rng(cell_ss).integers(0, 2 ** 31, size=n_cells)
     made = [_make_cell(i, int(s), size, history) for i, s in enumerate(cell_seeds)]
     cells, fields, temporal = [m[0] for m in made], [m[1] for m in made], [m[2] for m in made]
     train_stim = _checkerboard(np.random.default_rng(train_ss), train_frames, size)
     test_stim = _checkerboard(np.random.default_rng(test_ss), test_frames, size)
-    train_rate, test_rate = _rates(cells, fields, temporal, train_stim, test_stim)
+    train_rate, norm = _rates(cells, fields, temporal, train_stim)
+    test_rate, _ = _rates(cells, fields, temporal, test_stim, norm)
+    true_sta = _gradient_sta(cells, fields, temporal, norm, size, history, np.random.default_rng(sta_ss),
+                             TRUTH_HOLD)
 
     spikes = np.random.default_rng(spike_ss)
     train_counts = spikes.poisson(train_rate * BIN_S).astype(np.float64)  # (n_cells, T)
@@ -229,6 +300,8 @@ def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str =
         put("ground_truth/train/firing_rate", train_rate)
         put("ground_truth/test/firing_rate", test_rate)
         put("ground_truth/spatial_filters", spatial)  # signed, weighted sum of each cell's fields
+        put("ground_truth/sta", true_sta.astype(np.float32))  # to Gaussian white noise (_gradient_sta)
+        f["ground_truth/sta"].attrs.update(noise="gaussian", contrast=1.0, hold=TRUTH_HOLD)
         put("ground_truth/temporal_filters", filters)  # index j is lag j+1 bins
         gt = f["ground_truth"]
         gt.attrs["cell_type"] = np.array([c.kind for c in cells], dtype=h5py.string_dtype())
@@ -244,7 +317,29 @@ def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str =
 
     with atomic_h5(path, DataError) as f:  # only a complete file ever carries the final name
         write(f)
+    if interneurons:
+        boxes = _checkerboard(np.random.default_rng(boxes_ss), interneurons, size)
+        _write_interneurons(intr_path, cells, fields, temporal, boxes, np.random.default_rng(noise_ss), seed)
     return path
+
+
+def _write_interneurons(path: Path, cells: list[Cell], fields: list[np.ndarray], temporal: list[np.ndarray],
+                        boxes: np.ndarray, rng: np.random.Generator, seed: int) -> None:
+    """The subunits' membrane potentials on `boxes` (uint8 0/255), in the original's interneuron layout."""
+    units = [(i, k) for i, c in enumerate(cells) if c.kind == "subunit" for k in range(len(c.subunit_centers))]
+    drive = _drives(boxes, np.stack([fields[i][k] for i, k in units]), [temporal[i] for i, _ in units])
+    signs = np.array([cells[i].subunit_signs[k] for i, k in units], dtype=np.float64)[:, None]
+    z = (drive - drive.mean(axis=1, keepdims=True)) / drive.std(axis=1, keepdims=True)
+    potentials = signs * z + INTERNEURON_NOISE * rng.standard_normal(z.shape)
+    with atomic_h5(path, DataError) as f:
+        f.create_dataset("boxes/stimuli", data=(boxes / 255).astype(np.float32), track_times=False)
+        f.create_dataset("boxes/detrended_membrane_potential", data=potentials, track_times=False)
+        f.attrs["generator"] = GENERATOR
+        f.attrs["seed"] = seed
+        f.attrs["ganglion_cell"] = np.array([i for i, _ in units], dtype=np.int64)
+        f.attrs["subunit_center"] = np.array([cells[i].subunit_centers[k] for i, k in units])
+        f.attrs["sign"] = signs[:, 0].astype(np.int64)
+        f.attrs["noise_sd"] = INTERNEURON_NOISE
 
 
 def describe_synthetic(path: str | Path) -> str:

@@ -144,6 +144,10 @@ def preflight(search: Search, data_root: str | None, only: int | None = None,
                                                    val_frac=cfg["val_frac"])
             check_trainable(build_model(cfg, checked[key]), cfg)
             resolve_device(cfg["device"])
+            if cfg["analysis_interneurons"] and cfg["analysis"] != "none" and \
+                    not Path(cfg["analysis_interneurons"]).expanduser().exists():
+                raise ConfigError(f"analysis_interneurons: {cfg['analysis_interneurons']} does not exist; give an "
+                                  "interneuron h5 file or a folder of them, or null")
         except UserError as exc:
             raise type(exc)(f"run {spec.index} ({spec.name}): {exc}") from None
         paths[spec.index] = path
@@ -341,12 +345,49 @@ def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: 
     # the weights just evaluated (the best epoch's) as the run's MLflow Model, which `register` registers
     m.log.log_model(LoadedModel(model=m.trainer.model, config=m.trainer.cfg, mean=data.stim_mean, std=data.stim_std,
                                 cell_ids=list(data.cell_ids), epoch=result.best_epoch, source=m.log.run_id))
+    _analyze(m, data, echo, plots)
     m.log.end("FINISHED")
     m.ended = True
     m.outcome.status = "FINISHED"
     m.outcome.best_val_pearson, m.outcome.test_pearson = result.best_val_pearson, result.test_pearson_at_best
     m.outcome.best_epoch = result.best_epoch
     m.outcome.epochs_run, m.outcome.pruned_epoch = result.epochs_run, result.pruned_epoch
+
+
+ANALYSIS_ERROR_TAG = "analysis_error"
+
+
+def _analyze(m: _Member, data: DataBundle, echo: Echo, plots: bool) -> None:
+    """The run's analyses (its `analysis` setting) on the evaluated weights, logged with it: metrics
+    analysis_*, files under analysis/ and plots/analysis/. A failing analysis is a tag and a warning: the run's
+    training results stand and it ends FINISHED."""
+    from trainer import analysis
+
+    names = analysis.selection(m.spec.config["analysis"])
+    if not names:
+        return
+    from trainer.analysis.run import Model, analyze
+
+    cfg = m.spec.config
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            report = analyze(Model(m.trainer.model, cfg, list(data.cell_ids), data.stim_mean, data.stim_std),
+                             Path(tmp), names, recording=data.path,
+                             interneurons=[Path(cfg["analysis_interneurons"])] if cfg["analysis_interneurons"]
+                             else None, plots=plots, source=m.log.run_id)
+            m.log.log_files(report.metrics, report.files)
+        if report.skipped:
+            m.log.set_tag("analysis_skipped", "; ".join(f"{k}: {v}" for k, v in report.skipped.items())[:5000])
+        echo(f"run {m.spec.index} {m.spec.name}: analysis ({', '.join(report.seconds)}) in "
+             f"{report.metrics['analysis_seconds']:.1f} s")
+    except (KeyboardInterrupt, TrackingUnavailable):
+        raise
+    except Exception as exc:  # the training and its evaluation are logged: keep them
+        why = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
+        m.log.set_tag(ANALYSIS_ERROR_TAG, why[:5000])
+        echo(f"warning: run {m.spec.index} {m.spec.name}: its analysis failed ({why.splitlines()[0] if why else ''}); "
+             "the run's training and evaluation are logged and it ends FINISHED; `retina-trainer analyze "
+             f"{m.log.run_id}` runs the analysis again")
 
 
 def _fail(m: _Member, exc: BaseException, echo: Echo, tb: str | None = None) -> None:

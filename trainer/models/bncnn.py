@@ -113,6 +113,11 @@ class BNCNN(ConvGCReadout, nn.Module):
         """The intermediate conv layers by name, for tools (e.g. pruning) that act on their channels."""
         return {"conv1": self.conv1, "conv2": self.conv2}
 
+    def hidden_units(self) -> dict[str, nn.Module]:
+        """Per hidden layer, the module whose output (B, C, H, W) is the layer's units for the analyses: its batch
+        norm, the pre-activation the original correlated with interneurons (analysis.py: sequential.2, .8)."""
+        return {"conv1": self.bn1, "conv2": self.bn2}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.noise1(self.bn1(self.conv1(x))))
         x = self.act2(self.noise2(self.bn2(self.conv2(x))))

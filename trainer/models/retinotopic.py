@@ -100,6 +100,11 @@ class RetinotopicModel(nn.Module):
         """The hidden conv layers by name (conv1, conv2, ...; not the per-cell conv), for pruning their channels."""
         return {f"conv{i + 1}": block.conv for i, block in enumerate(self.hidden)}
 
+    def hidden_units(self) -> dict[str, nn.Module]:
+        """Per hidden layer, the module whose output is the layer's units for the analyses (see BNCNN's): each
+        block's batch norm."""
+        return {f"conv{i + 1}": block.bn for i, block in enumerate(self.hidden)}
+
     def onehot_probs(self) -> torch.Tensor:
         """Each cell's read-out distribution over the last map's positions (n_units, H*W), differentiable."""
         return self.onehot.probs()

@@ -263,6 +263,10 @@ class LinearStackedBNCNN(ConvGCReadout, nn.Module):
         """The intermediate conv layers (the stacks) by name, for pruning: see LinearStackedConv2d's docstring."""
         return {"conv1": self.conv1, "conv2": self.conv2}
 
+    def hidden_units(self) -> dict[str, nn.Module]:
+        """Per hidden layer, the module whose output is the layer's units for the analyses (see BNCNN's)."""
+        return {"conv1": self.bn1, "conv2": self.bn2}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act1(self.noise1(self.bn1(self.conv1(x))))
         x = self.act2(self.noise2(self.bn2(self.conv2(x))))

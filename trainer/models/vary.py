@@ -150,6 +150,11 @@ class VaryModel(ConvGCReadout, nn.Module):
         """The hidden conv layers by name (conv1, conv2, ...; not the GC layer), for pruning their channels."""
         return {f"conv{i + 1}": block.conv for i, block in enumerate(self.hidden)}
 
+    def hidden_units(self) -> dict[str, nn.Module]:
+        """Per hidden layer, the module whose output is the layer's units for the analyses (see BNCNN's): each
+        block's batch norm."""
+        return {f"conv{i + 1}": block.bn for i, block in enumerate(self.hidden)}
+
     def gc_map(self, x: torch.Tensor) -> torch.Tensor:
         """The convolutional GC layer's map (B, n_units, H, W), before each cell is read at its position."""
         for block in self.hidden:

@@ -51,9 +51,10 @@ def zero_channels(conv: nn.Module, channels: list[int], optimizer: torch.optim.O
 
 
 def integrated_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, alpha_steps: int,
-                         batch_size: int = 500) -> torch.Tensor:
+                         batch_size: int = 500, per_cell: bool = False) -> torch.Tensor:
     """Integrated-gradient attribution of the sum of the model's outputs to each unit of `layer`'s output, for the
-    samples `x`: (B, C, H, W) like the layer's output.
+    samples `x`: (B, C, H, W) like the layer's output; with `per_cell`, of each output cell's output separately:
+    (n_cells, B, C, H, W) (the original's integrated_gradient with `chans` one cell).
 
     As the original (utils.py: integrated_gradient): the stimulus is scaled by alpha along a straight path from a
     zero stimulus, alpha in linspace(0, 1, alpha_steps); at each alpha the layer's output a(alpha) and the gradient
@@ -83,16 +84,18 @@ def integrated_gradients(model: nn.Module, layer: nn.Module, x: torch.Tensor, al
                 for alpha in torch.linspace(0, 1, alpha_steps).tolist():
                     out = model(chunk * alpha)
                     act = hooked["act"]
-                    (grad,) = torch.autograd.grad(out.sum(), act)
+                    targets = [out[:, k].sum() for k in range(out.shape[1])] if per_cell else [out.sum()]
+                    grad = torch.stack([torch.autograd.grad(t, act, retain_graph=j < len(targets) - 1)[0]
+                                        for j, t in enumerate(targets)])
                     if previous is not None:
                         step = grad * (act.detach() - previous)
                         attribution = step if attribution is None else attribution + step
                     previous = act.detach()
-                chunks.append(attribution)
+                chunks.append(attribution if per_cell else attribution[0])
     finally:
         handle.remove()
         model.train(was_training)
-    return torch.cat(chunks)
+    return torch.cat(chunks, dim=1 if per_cell else 0)
 
 
 def channel_importance(model: nn.Module, layer: nn.Module, x: torch.Tensor, alpha_steps: int,
