@@ -37,10 +37,12 @@ SECTIONS = {
     "logging": "4 MLflow logging",
     "pack": "5 packing",
     "adaptive": "6 adaptive search",
+    "analysis": "7 analysis after training",
 }
 # Sections that run only when `--only` names them: the adaptive section trains about 120 runs (about 20 minutes on
-# 2 cores), as long as all the others together, and tests/test_benchmarks.py expects sections 1 to 5 only.
-OPT_IN = ("adaptive",)
+# 2 cores), as long as all the others together, the analysis section a few models; tests/test_benchmarks.py
+# expects sections 1 to 5 only.
+OPT_IN = ("adaptive", "analysis")
 READING_MARKER = "<!-- reading: text below this line is kept when the file is written again -->"
 N_CELLS = 5
 

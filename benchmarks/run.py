@@ -37,6 +37,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # import ...`) so that it works for `python benchmarks/run.py`, for this file loaded by path (tests/test_benchmarks.py)
 # and in the memory child process; what the sections share is in common.py. See benchmarks/README.md.
 from benchmarks.adaptive import bench_adaptive  # noqa: E402
+from benchmarks.analysis import bench_analysis  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     OPT_IN,
     READING_MARKER,
@@ -62,6 +63,7 @@ RUNNERS: dict[tuple[str, ...], Runner] = {
     ("memory",): bench_memory,
     ("pack",): bench_pack,
     ("adaptive",): bench_adaptive,
+    ("analysis",): bench_analysis,
 }
 assert sorted(k for keys in RUNNERS for k in keys) == sorted(SECTIONS), "every section needs exactly one runner"
 

@@ -247,10 +247,11 @@ def _check_args(dataset: str, stim_type: str, n_cells: int, size: int, train_fra
 def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str = "whitenoise", *,
                     n_cells: int = 5, size: int = 20, train_frames: int = 20000, test_frames: int = 2000,
                     n_repeats: int = 5, history: int = 40, seed: int = 0, overwrite: bool = False,
-                    interneurons: int = 0) -> Path:
+                    interneurons: int = 0, sta_hold: int = TRUTH_HOLD) -> Path:
     """Simulate a ground-truth retina, write <root>/<dataset>/<stim_type>.h5 atomically, return its path. With
     `interneurons` > 0, also <root>/<dataset>/interneurons/bipolars.h5 with that many frames of boxes stimulus
-    (see the module docstring)."""
+    (see the module docstring). `sta_hold`: the hold of the noise behind ground_truth/sta (its attribute `hold`).
+    """
     _check_args(dataset, stim_type, n_cells, size, train_frames, test_frames, n_repeats, history, seed)
     path = recording_path(root, dataset, stim_type)
     intr_path = path.parent / INTERNEURON_FILE
@@ -272,7 +273,7 @@ def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str =
     train_rate, norm = _rates(cells, fields, temporal, train_stim)
     test_rate, _ = _rates(cells, fields, temporal, test_stim, norm)
     true_sta = _gradient_sta(cells, fields, temporal, norm, size, history, np.random.default_rng(sta_ss),
-                             TRUTH_HOLD)
+                             sta_hold)
 
     spikes = np.random.default_rng(spike_ss)
     train_counts = spikes.poisson(train_rate * BIN_S).astype(np.float64)  # (n_cells, T)
@@ -301,7 +302,7 @@ def write_synthetic(root: str | Path, dataset: str = "synth01", stim_type: str =
         put("ground_truth/test/firing_rate", test_rate)
         put("ground_truth/spatial_filters", spatial)  # signed, weighted sum of each cell's fields
         put("ground_truth/sta", true_sta.astype(np.float32))  # to Gaussian white noise (_gradient_sta)
-        f["ground_truth/sta"].attrs.update(noise="gaussian", contrast=1.0, hold=TRUTH_HOLD)
+        f["ground_truth/sta"].attrs.update(noise="gaussian", contrast=1.0, hold=sta_hold)
         put("ground_truth/temporal_filters", filters)  # index j is lag j+1 bins
         gt = f["ground_truth"]
         gt.attrs["cell_type"] = np.array([c.kind for c in cells], dtype=h5py.string_dtype())
