@@ -354,7 +354,8 @@ for k, run_id in enumerate(sys.argv[3:]):
 @pytest.mark.e2e
 def test_two_processes_reopening_one_interrupted_run_at_the_same_moment_resume_it_once(tmp_path, mlflow_server):
     """Two processes that find the same KILLED run at the same instant: exactly one takes its lease and reopens it,
-    the other is told another process trains it (a tag alone is last-writer-wins: both used to resume it)."""
+    the other is told another process trains it (a tag alone is last-writer-wins: both used to resume it, and a
+    claim tag read back still let both through once in CI)."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_server)
@@ -379,8 +380,85 @@ def test_two_processes_reopening_one_interrupted_run_at_the_same_moment_resume_i
     assert won == {run_id: 1 for run_id in ids}  # each run reopened by exactly one of the two
     for run_id in ids:
         run = client.get_run(run_id)
-        assert run.info.status == "RUNNING" and json.loads(run.data.tags["lease"])["owner"]
-        assert not [k for k in run.data.tags if k.startswith("lease_claim.")]  # no claim left behind
+        owner = json.loads(run.data.tags["lease"])["owner"]
+        assert run.info.status == "RUNNING" and owner
+        resumed = [json.loads(v)["owner"] for k, v in run.data.params.items() if k.startswith("resumed.")]
+        assert resumed == [owner]  # one reopening recorded, by the lease's holder
+
+
+class _OneRun:
+    """An MLflow store holding one interrupted run, as the server keeps it: tags last-writer-wins, a param once per
+    key (another value is refused). `stale` is what a read returns instead of the truth (a rival's writes unseen)."""
+
+    def __init__(self, tags: dict[str, str], params: dict[str, str], stale: dict[str, str] | None = None):
+        self.tags, self.params, self.stale, self.writes = tags, params, stale, []
+
+    def get_run(self, run_id):
+        from types import SimpleNamespace
+
+        tags = dict(self.tags if self.stale is None else self.stale)
+        return SimpleNamespace(info=SimpleNamespace(status="KILLED", end_time=1000),
+                               data=SimpleNamespace(tags=tags, params=dict(self.params)))
+
+    def set_tag(self, run_id, key, value):
+        self.writes.append(("tag", key))
+        self.tags[key] = value
+
+    def log_param(self, run_id, key, value):
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+        if self.params.get(key, value) != value:
+            raise MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+        self.writes.append(("param", key))
+        self.params[key] = value
+
+    def update_run(self, run_id, status):
+        self.writes.append(("status", status))
+
+
+def _reopen(store: _OneRun):
+    from trainer import tracking
+
+    tracker = object.__new__(tracking.Tracker)
+    tracker.client, tracker.heartbeat = store, tracking.Heartbeat(store)
+    return tracker.reopen_child("r1")
+
+
+def test_reopening_an_interrupted_run_is_won_once_by_a_param_the_store_keeps_one_value_of():
+    """Two readers of one interruption: the first logs its `resumed.<hash>` param and takes the lease; a rival
+    that read the same state (the winner's lease not yet visible to it, as a read racing the winner's writes
+    returns it) is refused the param and yields to the winner; when the winner died before its lease, the rival
+    takes the next attempt. Without the param (tags alone) both took the lease."""
+    from trainer import tracking
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        store = _OneRun({"lease": ""}, {})
+        assert not isinstance(_reopen(store), str)
+        (key,) = store.params
+        assert key.startswith("resumed.") and json.loads(store.params[key])["owner"] == tracking._OWNER
+        assert store.writes == [("param", key), ("tag", "lease"), ("status", "RUNNING")]
+
+        rival = f"{tracking.socket.gethostname()}:{sleeper.pid}:0"  # a live process of this host
+        won = {key: json.dumps({"owner": rival, "at": time.time()})}
+        late = _OneRun({"lease": lease_of(rival)}, dict(won), stale={"lease": ""})  # its lease unseen
+        got = _reopen(late)
+        assert isinstance(got, str) and f":{sleeper.pid}," in got and late.writes == []
+
+        seen_lease = _OneRun({"lease": lease_of(rival)}, {})  # its lease seen, though the status still says KILLED
+        got = _reopen(seen_lease)
+        assert isinstance(got, str) and f":{sleeper.pid}," in got and seen_lease.writes == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    dead = _OneRun({"lease": ""}, dict(won))  # the same winner, now gone before it wrote its lease
+    assert not isinstance(_reopen(dead), str)
+    assert len(dead.params) == 2 and dead.writes[1:] == [("tag", "lease"), ("status", "RUNNING")]
+
+
+def lease_of(owner: str) -> str:
+    return json.dumps({"owner": owner, "until": time.time() + 100})
 
 
 # ---- files the user names ----------------------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import socket
@@ -88,8 +87,8 @@ def lease_value(until: float | None = None) -> str:
     return json.dumps({"owner": _OWNER, "until": round(until if until is not None else time.time() + LEASE_S, 1)})
 
 
-CLAIM_PREFIX = "lease_claim."  # + a hash of the owner: a process about to reopen an interrupted run (reopen_child)
-CLAIM_S = 60.0  # a claim older than this is left over by a process that died while claiming
+RESUMED_PREFIX = "resumed."  # + a hash of the interruption: the param naming the process that reopened the run
+CLAIM_S = 60.0  # a reopening that wrote no lease within this time was left by a process that died meanwhile
 CLAIM_TRIES = 8
 
 
@@ -102,13 +101,14 @@ def other_live_owner(owner: str, until: float) -> bool:
     return not (host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)))
 
 
-def _live_claim(value: str) -> bool:
+def _claimant(value: str) -> str | None:
+    """The owner of a reopening (a RESUMED_PREFIX param's value) that may still write its lease, or None."""
     try:
         claim = json.loads(value)
         owner, at = str(claim["owner"]), float(claim["at"])
     except (ValueError, TypeError, KeyError):
-        return False
-    return other_live_owner(owner, at + CLAIM_S)
+        return None
+    return owner if other_live_owner(owner, at + CLAIM_S) else None
 
 
 def lease_holder(value: str) -> str | None:
@@ -160,10 +160,13 @@ class Heartbeat:
             with self.lock:
                 runs = list(self.runs)
             for run_id in runs:
-                try:
-                    self.client.set_tag(run_id, LEASE_TAG, lease_value())
-                except Exception:  # a dead server: the training thread meets it and stops the search
-                    pass
+                with self.lock:  # not after release(): an ended run's cleared lease is never renewed again
+                    if run_id not in self.runs:
+                        continue
+                    try:
+                        self.client.set_tag(run_id, LEASE_TAG, lease_value())
+                    except Exception:  # a dead server: the training thread meets it and stops the search
+                        pass
 
 
 def _param_value(value: Any) -> str:
@@ -610,31 +613,38 @@ class Tracker:
         another process took it meanwhile, that process (its owner, as lease_holder says it).
 
         Two processes may find the same interrupted run at the same moment, and a tag is last-writer-wins, so the
-        lease is taken in two steps: write a claim tag of our own, read the run back, and take the lease only when
-        no other live claim and no live lease of another process is there; the claim is removed after the lease
-        is written. A process that reads after our claim sees the claim or the lease, and yields; two that see
-        each other's claims both step back and try again after a random pause."""
-        mine = CLAIM_PREFIX + hashlib.md5(_OWNER.encode(), usedforsecurity=False).hexdigest()[:12]
-        for _ in range(CLAIM_TRIES):
-            self.client.set_tag(run_id, mine, json.dumps({"owner": _OWNER, "at": round(time.time(), 1)}))
+        run is won by a compare-and-set: a param `resumed.<hash of the interruption>` = this process. The store
+        keeps one value per (run, key) and refuses another (INVALID_PARAMETER_VALUE), so of the processes that
+        read the same interruption exactly one logs it; the others yield to it. The interruption is the run's end
+        time and its lease as read: a reopened run's live lease sends later readers away before they get here,
+        and a reopening whose process died (gone from this host, or no lease within CLAIM_S) is passed over by
+        the next attempt number. The params record who resumed the run after each interruption."""
+        for attempt in range(CLAIM_TRIES):
             run = self.client.get_run(run_id)
-            tags = run.data.tags
-            holder = lease_holder(tags.get(LEASE_TAG, "")) if run.info.status == "RUNNING" else None
+            # the lease whatever the status says: the server reads a run's status and its tags in separate queries,
+            # so a rival's RUNNING can be missed while its lease is seen; an ended run's lease is cleared
+            holder = lease_holder(run.data.tags.get(LEASE_TAG, ""))
             if holder is None and run.info.status == FINISHED:
                 holder = "a process that finished it meanwhile"
             if holder is not None:
-                self.client.delete_tag(run_id, mine)
                 return holder
-            rivals = [k for k, v in tags.items() if k.startswith(CLAIM_PREFIX) and k != mine and _live_claim(v)]
-            if not rivals:
-                self.client.set_tag(run_id, LEASE_TAG, lease_value())
-                self.client.update_run(run_id, status="RUNNING")
-                self.heartbeat.hold(run_id)
-                self.client.delete_tag(run_id, mine)
-                return RunLog(self.client, run_id, self.heartbeat)
-            self.client.delete_tag(run_id, mine)
-            time.sleep(random.uniform(0.2, 2.0))
-        return "other processes that claim it at the same time"
+            seen = f"{run.info.end_time}|{run.data.tags.get(LEASE_TAG, '')}|{attempt}"
+            key = RESUMED_PREFIX + hashlib.md5(seen.encode(), usedforsecurity=False).hexdigest()[:12]
+            try:
+                self.client.log_param(run_id, key, json.dumps({"owner": _OWNER, "at": round(time.time(), 1)}))
+            except MlflowException as exc:
+                if exc.error_code != "INVALID_PARAMETER_VALUE":
+                    raise
+                winner = _claimant(self.client.get_run(run_id).data.params.get(key, ""))
+                if winner is None:  # it died before writing its lease: the next attempt's key
+                    continue
+                host, pid = winner.split(":")[:2]
+                return f"process {host}:{pid}, which reopened it a moment ago"
+            self.client.set_tag(run_id, LEASE_TAG, lease_value())
+            self.client.update_run(run_id, status="RUNNING")
+            self.heartbeat.hold(run_id)
+            return RunLog(self.client, run_id, self.heartbeat)
+        return "other processes that reopened it and died before taking its lease"
 
     def finish_parent_if_complete(self, parent_id: str, config_ids: list[str]) -> bool:
         """Mark the parent FINISHED when every run of its search has FINISHED (the last pod of a Job does it)."""
