@@ -219,6 +219,109 @@ def test_schedules_have_the_originals_settings():
     assert config.resolve({})["early_stopping"] == 0  # the original trained n_epochs
 
 
+def _shipped(name: str) -> dict:
+    from test_original_configs import CONFIGS, label
+
+    entry = next(e for e in CONFIGS if label(e) == name)
+    return config.parse_hyperparams(entry["content"], name).values
+
+
+def _stepped(cfg: dict, epochs: list[dict[str, float]]) -> list[float]:
+    """The lr of each epoch under make_scheduler(cfg), stepped after each epoch as Trainer.scored steps it."""
+    from trainer.training.trainer import OriginalSchedule
+
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=cfg["lr"])
+    schedule = make_scheduler(cfg, opt)
+    assert isinstance(schedule, OriginalSchedule)
+    lrs = []
+    for metrics in epochs:
+        lrs.append(opt.param_groups[0]["lr"])
+        schedule.step(metrics)
+    return lrs
+
+
+def test_scheduler_original_reproduces_the_labs_learning_rate_for_its_shipped_vary_model_config():
+    """config.json @4fdcfbf (VaryModel, 50 epochs, ReduceLROnPlateau scale 0.5, patience 6, thresh 0.01) under
+    scheduler_original 507decb: the per-epoch lr equals a re-creation of that commit's calls (get_optim_objs:
+    ReduceLROnPlateau(optimizer, 'min', factor=scheduler_scale, patience, threshold); train_loop:
+    scheduler.step(val_acc)), and with r rising it halves every patience + 1 epochs: six times within the 50
+    epochs, the seventh after the last (the original's extra 51st epoch, docs/differences.md, trained at lr / 128)."""
+    hyps = _shipped("config.json@4fdcfbf")
+    cfg = config.resolve({**hyps, "scheduler_original": "507decb"})
+    val_r = 0.3 + torch.linspace(0, 0.4, cfg["n_epochs"], dtype=torch.float64)  # r rising, as training does
+    val_r[20] -= 0.2  # one bad epoch: a drop below best x (1 - thresh) counts as an improvement in min mode
+    ours = _stepped(cfg, [{"val_pearson": float(r), "val_loss": 1.0, "train_loss": 1.0} for r in val_r])
+
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=hyps["lr"])
+    original = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=hyps["scheduler_scale"],
+                                                          patience=hyps["scheduler_patience"],
+                                                          threshold=hyps["scheduler_thresh"])
+    recreated = []
+    for r in val_r.tolist():
+        recreated.append(opt.param_groups[0]["lr"])
+        original.step(r)
+    assert ours == recreated
+    plain = _stepped(cfg, [{"val_pearson": 0.3 + 0.01 * e} for e in range(cfg["n_epochs"])])
+    decays = [e + 1 for e in range(1, len(plain)) if plain[e] < plain[e - 1]]  # 1-based epochs that start lower
+    assert decays == [9, 16, 23, 30, 37, 44] and plain[-1] == pytest.approx(hyps["lr"] / 64)  # the 7th after 50
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=hyps["lr"])
+    assert make_scheduler(config.resolve(hyps), opt).mode == "max"  # ours by default: the fix
+
+
+def test_scheduler_original_eras_step_what_their_commit_stepped():
+    """5c2af72: the plateau factor fixed at 0.1 (scheduler_scale ignored); its retinotopic_loop steps MultiStepLR
+    with the training loss as its epoch. 507decb's train_loop steps MultiStepLR with the validation r as its epoch
+    (never past a milestone); its retinotopic_loop once per epoch. 003f581: min mode on the validation loss."""
+    retino = _shipped("hyperparams.json@5c2af72")  # RetinotopicModel, MultiStepLR [5, 15, 25]
+    assert (retino["train_loop"], retino["scheduler"], retino["scheduler_milestones"]) == (
+        "retinotopic_loop", "MultiStepLR", [5, 15, 25])
+    cfg = config.resolve({**retino, "scheduler_original": "5c2af72"})
+    losses = [3.0, 6.0, 16.0, 2.0, 30.0]
+    lrs = _stepped(cfg, [{"train_loss": v, "val_pearson": 0.5} for v in losses])
+    lr = cfg["lr"]
+    assert lrs == pytest.approx([lr, lr, lr * 0.1, lr * 0.01, lr])  # each epoch's lr: gamma^(milestones <= loss)
+
+    epochs = [{"train_loss": 1.0, "val_pearson": 0.2 + 0.1 * e} for e in range(8)]
+    newest = config.resolve({**retino, "scheduler_original": "507decb", "train_loop": "train_loop",
+                             "model_type": "BNCNN", "scheduler_milestones": [1, 2]})
+    assert _stepped(newest, epochs) == [lr] * 8  # step(val_acc): r < 1 is before every milestone
+    newest_retino = config.resolve({**newest, "train_loop": "retinotopic_loop"})
+    assert _stepped(newest_retino, epochs) == pytest.approx([lr, lr * 0.1] + [lr * 0.01] * 6)
+
+    plateau = {**retino, "scheduler": "ReduceLROnPlateau", "scheduler_scale": 0.5, "scheduler_patience": 1,
+               "train_loop": "train_loop", "model_type": "BNCNN"}
+    rising = [{"val_pearson": 0.2 + 0.1 * e, "val_loss": 1.0, "train_loss": 1.0} for e in range(4)]
+    assert _stepped(config.resolve({**plateau, "scheduler_original": "5c2af72"}), rising) == pytest.approx(
+        [lr, lr, lr, lr * 0.1])  # factor 0.1, not scheduler_scale
+    assert _stepped(config.resolve({**plateau, "scheduler_original": "507decb"}), rising) == pytest.approx(
+        [lr, lr, lr, lr * 0.5])
+    falling_loss = [{"val_pearson": 0.5, "val_loss": 1.0 - 0.1 * e, "train_loss": 1.0} for e in range(13)]
+    oldest = _stepped(config.resolve({**plateau, "scheduler_original": "003f581"}), falling_loss)
+    assert oldest == [lr] * 13  # the validation loss improves: no decay, whatever the correlation does
+    flat_loss = [{"val_pearson": 0.5, "val_loss": 1.0, "train_loss": 1.0}] * 13
+    assert _stepped(config.resolve({**plateau, "scheduler_original": "003f581"}), flat_loss)[-1] == \
+        pytest.approx(lr * 0.1)  # patience 10 (torch's default), factor 0.1
+    with pytest.raises(ConfigError, match="003f581 always built ReduceLROnPlateau"):
+        config.check_run(config.resolve({**plateau, "scheduler": "MultiStepLR", "scheduler_original": "003f581"}),
+                         "hp.json")
+
+
+def test_the_trainer_steps_the_original_schedule_with_its_own_epoch_metrics(bundle, tmp_path):
+    """In a real run the Trainer feeds the schedule each epoch's validation r: its logged lr per epoch equals the
+    re-created original stepped with the same logged r."""
+    cfg = config.resolve({**SMALL, "n_epochs": 5, "scheduler_original": "507decb", "scheduler_patience": 1,
+                          "lr": 0.01})
+    seed_everything(0)
+    result = Trainer(build_model(cfg, bundle.n_cells), bundle, cfg, tmp_path, torch.device("cpu")).fit()
+    opt = torch.optim.Adam([nn.Parameter(torch.zeros(1))], lr=cfg["lr"])
+    original = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, "min", factor=0.5, patience=1, threshold=0.01)
+    recreated = []
+    for row in result.history:
+        recreated.append(opt.param_groups[0]["lr"])
+        original.step(row["val_pearson"])
+    assert [row["lr"] for row in result.history] == recreated and min(recreated) < cfg["lr"]
+
+
 def test_semantic_l1_is_the_mean_over_cells_of_each_cells_l1_norm(bundle, tmp_path):
     cfg = config.resolve({**SMALL, "model_type": "RetinotopicModel", "train_loop": "retinotopic_loop"})
     assert cfg["semantic_scale"] == 10.0  # the original's default

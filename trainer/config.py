@@ -23,6 +23,7 @@ MODEL_TYPES = ("BNCNN", "LN", "LinearStackedBNCNN", "VaryModel", "RetinotopicMod
 TRAIN_LOOPS = ("train_loop", "retinotopic_loop")
 LOSSES = ("PoissonNLLLoss", "MSELoss")
 SCHEDULERS = ("ReduceLROnPlateau", "MultiStepLR", "none")
+ORIGINAL_SCHEDULES = ("none", "507decb", "5c2af72", "003f581")  # scheduler_original: commits of training.py
 ACTIVATIONS = ("ReLU", "Tanh", "Softplus", "ELU", "LeakyReLU", "Sigmoid", "GELU")
 
 
@@ -208,6 +209,14 @@ SCHEMA: tuple[Param, ...] = (
       "decays.", "training", _all_ge(1)),
     P("scheduler_gamma", "float", 0.1, "MultiStepLR: factor the learning rate is multiplied by at each milestone "
       "(the original's fixed 0.1).", "training", _between(0, 1, hi_open=True)),
+    P("scheduler_original", "str", "none", "Reproduce the learning-rate schedule of the original at one commit, "
+      "its bugs included (docs/differences.md): 507decb (the newest: ReduceLROnPlateau in min mode stepped with the "
+      "validation correlation, so it decays every scheduler_patience + 1 epochs while r rises; in train_loop "
+      "MultiStepLR is stepped with that correlation as its epoch, so it never decays), 5c2af72 (the same, with "
+      "the plateau factor fixed at 0.1; retinotopic_loop steps either schedule with the training loss), 003f581 "
+      "(ReduceLROnPlateau in min mode on the validation loss, factor 0.1, patience 10, threshold 1e-4, whatever "
+      "scheduler says). MultiStepLR's gamma is the original's 0.1. none: ours (max mode on validation r).",
+      "training", choices=ORIGINAL_SCHEDULES),
     # --- pruning and retinotopic read-out (used by the models and loops that have them) -------------------------
     P("prune", "bool", False, "Prune intermediate conv channels after n_epochs of training.", "pruning"),
     P("prune_layers", "strs", [], "Layers to prune; empty means every intermediate conv layer.", "pruning"),
@@ -656,6 +665,9 @@ def identity_view(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def check_run(cfg: dict[str, Any], where: str) -> None:
     """Checks that involve several keys of one resolved run configuration."""
+    if cfg["scheduler_original"] == "003f581" and cfg["scheduler"] != "ReduceLROnPlateau":
+        raise ConfigError(f"{where}: scheduler_original 003f581 always built ReduceLROnPlateau; set scheduler to "
+                          "ReduceLROnPlateau, or scheduler_original to 507decb or 5c2af72")
     if cfg["scheduler"] == "MultiStepLR" and not cfg["scheduler_milestones"]:
         raise ConfigError(f"{where}: scheduler MultiStepLR needs scheduler_milestones, e.g. [20, 40]")
     if cfg["lossfxn"] != "PoissonNLLLoss" and cfg["log_poisson"]:

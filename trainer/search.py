@@ -143,7 +143,8 @@ def expand(hyperparams: str | Path, hyperranges: str | Path | None = None) -> Se
 PACK_MEMBER_KEYS = frozenset({
     "seed", "lr", "l2", "l1", "n_epochs", "early_stopping", "save_every_epoch",
     "scheduler", "scheduler_scale", "scheduler_patience", "scheduler_thresh", "scheduler_milestones",
-    "scheduler_gamma", "analysis", "analysis_sta_hold", "analysis_interneurons",  # each member's own analyses
+    "scheduler_gamma", "scheduler_original",
+    "analysis", "analysis_sta_hold", "analysis_interneurons",  # each member's own analyses
 })
 
 

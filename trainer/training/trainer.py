@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,11 +126,56 @@ def make_loss(cfg: dict[str, Any]) -> nn.Module:
     return nn.MSELoss()
 
 
+class OriginalSchedule:
+    """The original's learning-rate schedule as training.py built and stepped it at one commit
+    (`scheduler_original`), its bugs kept: torch's own scheduler, stepped once per epoch with what that commit
+    passed (`watch`: a metric of the epoch; for MultiStepLR a value passed as its epoch, which torch turns into
+    lr x gamma^(milestones <= value)), or with nothing."""
+
+    def __init__(self, cfg: dict[str, Any], optimizer: torch.optim.Optimizer):
+        era, retinotopic = cfg["scheduler_original"], cfg["train_loop"] == "retinotopic_loop"
+        self.watch: str | None
+        if cfg["scheduler"] == "ReduceLROnPlateau" or era == "003f581":
+            # get_optim_objs: 'min' mode whatever it watched; 5c2af72 and 003f581 fixed the factor at 0.1
+            factor = cfg["scheduler_scale"] if era == "507decb" else 0.1
+            patience, thresh = ((10, 1e-4) if era == "003f581"  # torch's defaults: that commit passed neither
+                                else (cfg["scheduler_patience"], cfg["scheduler_thresh"]))
+            self.torch: Any = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="min", factor=factor, patience=patience, threshold=thresh, threshold_mode="rel")
+            self.watch = {"003f581": "val_loss", "507decb": "val_pearson"}.get(
+                era, "train_loss" if retinotopic else "val_pearson")  # 5c2af72's retinotopic_loop: avg_loss
+        else:  # MultiStepLR(milestones, gamma=0.1)
+            self.torch = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg["scheduler_milestones"],
+                                                              gamma=0.1)
+            # 507decb's train_loop: scheduler.step(val_acc); 5c2af72's retinotopic_loop: step(avg_loss)
+            self.watch = {("507decb", False): "val_pearson", ("5c2af72", True): "train_loss"}.get(
+                (era, retinotopic))
+
+    def step(self, metrics: dict[str, float]) -> None:
+        if self.watch is None:
+            self.torch.step()
+            return
+        with warnings.catch_warnings():  # torch's deprecation of step(epoch): what the original called
+            warnings.simplefilter("ignore", UserWarning)
+            self.torch.step(float(metrics[self.watch]))
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.torch.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.torch.load_state_dict(state)
+
+
 def make_scheduler(cfg: dict[str, Any], optimizer: torch.optim.Optimizer) -> Any:
     """The learning-rate schedule named by `scheduler`, with the original's settings (training.py:
     get_optim_objs): the plateau schedule watches validation r with a relative threshold, in max mode (the
     original's min mode on a correlation decayed the rate while r improved: a bug); MultiStepLR steps once per
-    epoch (the original passed a metric as the epoch in one version: a bug)."""
+    epoch (the original passed a metric as the epoch in one version: a bug). `scheduler_original` names a commit whose
+    schedule is reproduced instead (OriginalSchedule)."""
+    if cfg["scheduler"] == "none":
+        return None
+    if cfg["scheduler_original"] != "none":
+        return OriginalSchedule(cfg, optimizer)
     if cfg["scheduler"] == "ReduceLROnPlateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=cfg["scheduler_scale"], patience=cfg["scheduler_patience"],
@@ -398,7 +444,9 @@ class Trainer:
         for cid, v, t in zip(self.data.cell_ids, val_r.tolist(), test_r.tolist()):
             metrics[f"val_pearson_cell{cid}"] = v
             metrics[f"test_pearson_cell{cid}"] = t
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        if isinstance(self.scheduler, OriginalSchedule):
+            self.scheduler.step(metrics)
+        elif isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             self.scheduler.step(metrics["val_pearson"])
         elif self.scheduler is not None:
             self.scheduler.step()
