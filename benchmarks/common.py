@@ -220,7 +220,7 @@ class Workload:
         hp_file.write_text(json.dumps(self.hp))
         self.cfg = expand(hp_file).runs[0].config
         self.data = load_data(self.path, cells=self.cfg["cells"], img_shape=self.cfg["img_shape"],
-                              val_frac=self.cfg["val_frac"], device=self.device)
+                              val_frac=self.cfg["val_frac"], val_size=self.cfg["val_size"], device=self.device)
         self.n_train = len(self.data.train)
 
 

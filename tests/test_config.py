@@ -143,3 +143,29 @@ def test_common_spellings_point_at_the_right_key(tmp_path, typed, meant):
     with pytest.raises(ConfigError, match=rf"unknown hyperparameter '{typed}'; did you mean '{meant}'\?"):
         config.load_hyperparams(write(tmp_path, "hp.json", {typed: 1}))
     assert meant in config.BY_NAME
+
+
+def test_a_poisson_search_without_log_poisson_is_warned_once_and_trains_rates(tmp_path):
+    """The original built PoissonNLLLoss() when a config omitted log_poisson (hyperparams_template.json,
+    chan_search_hyperparams.json): torch's log_input=True. Ours is false (a bug fixed by default), said in one line
+    that names the file and both fixes; a config that sets it, searches it or trains another loss hears nothing."""
+    from trainer.search import expand
+
+    def warned(params: dict, ranges: dict | None = None) -> list[str]:
+        (tmp_path / "hp.json").write_text(json.dumps({"exp_name": "x", **params}))
+        rp = None
+        if ranges is not None:
+            rp = tmp_path / "hr.json"
+            rp.write_text(json.dumps(ranges))
+        s = expand(tmp_path / "hp.json", rp)
+        assert all(not r.config["log_poisson"] for r in s.runs if "log_poisson" not in params | (ranges or {}))
+        return [w for w in s.warnings if "log_poisson" in w]
+
+    (line,) = warned({})
+    assert str(tmp_path / "hp.json") in line and "log_input=True" in line and '"log_poisson": false' in line
+    assert "\n" not in line
+    assert warned({"lossfxn": "PoissonNLLLoss", "lr": 0.01}, {"lr": [0.1, 0.01]}) == [line]
+    assert warned({"log_poisson": False}) == []
+    assert warned({}, {"log_poisson": [True, False]}) == []
+    assert warned({"lossfxn": "MSELoss"}) == []
+    assert len(warned({"lossfxn": "MSELoss"}, {"lossfxn": ["MSELoss", "PoissonNLLLoss"]})) == 1

@@ -131,6 +131,23 @@ def test_shortest_train_that_splits(tmp_path: Path) -> None:
         load(needed - 1)
 
 
+def test_val_size_holds_out_that_many_samples_at_the_end(tmp_path: Path) -> None:
+    """val_size: the original's 10,000 validation samples (5c2af72) as a count: the same stretch at the end, after
+    the same gap; the shortest recording it fits is named when it does not."""
+    h = 10
+    path = write_recording(tmp_path / "r.h5", train_frames=400)
+    d = load_data(path, img_shape=(h, H, W), val_size=123)
+    train, val = d.train.starts.tolist(), d.val.starts.tolist()
+    assert len(val) == 123 and val == list(range(400 - h - 123, 400 - h))
+    assert train == list(range(len(train))) and train[-1] + h < val[0] and len(train) + h + 123 == 400 - h
+    assert load_data(path, img_shape=(h, H, W), val_frac=0.25, val_size=0).val.starts.numel() == round(0.25 * 390)
+    with pytest.raises(DataError, match=r"with val_size 380 needs at least 401 frames.*lower history/val_size"):
+        load_data(path, img_shape=(h, H, W), val_size=380)
+    assert len(load_data(path, img_shape=(h, H, W), val_size=379).train) == 1
+    with pytest.raises(ConfigError, match="val_size must be a whole number"):
+        load_data(path, img_shape=(h, H, W), val_size=-1)
+
+
 def test_batches_shuffle_between_batches_only(rec: Path) -> None:
     h = 7
     d = load_data(rec, img_shape=(h, H, W))

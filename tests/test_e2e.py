@@ -66,6 +66,11 @@ def test_search_logs_parent_children_metrics_checkpoints_and_rerun_skips(tmp_pat
         for key in ("train_loss", "val_pearson", "test_pearson", "val_loss", "lr"):
             assert [m.step for m in client.get_metric_history(c.info.run_id, key)] == [1, 2], key
         assert "best_val_pearson" in c.data.metrics
+        # the headline test r is the best validation epoch's; the original's (its last epoch's) is logged beside it
+        test_r = [m.value for m in client.get_metric_history(c.info.run_id, "test_pearson")]
+        best = int(c.data.metrics["best_epoch"])
+        assert c.data.metrics["test_pearson_last"] == pytest.approx(test_r[-1])
+        assert c.data.metrics["test_pearson_at_best"] == pytest.approx(test_r[best - 1])
         ckpts = {Path(f.path).name for f in client.list_artifacts(c.info.run_id, "checkpoints")}
         assert {"latest.pt", "best.pt"} <= ckpts
         assert "hyperparams.json" in {f.path for f in client.list_artifacts(c.info.run_id)}

@@ -322,6 +322,22 @@ def test_the_trainer_steps_the_original_schedule_with_its_own_epoch_metrics(bund
     assert [row["lr"] for row in result.history] == recreated and min(recreated) < cfg["lr"]
 
 
+def test_validation_scores_every_sample_not_only_full_batches_of_500(bundle, tmp_path):
+    """The original scored validation in batches of 500 and dropped the rest (datas.py: val_sample @507decb yields
+    n // 500 batches): a validation stretch under 500 samples was never scored. Ours scores every sample."""
+    from trainer.training.metrics import pearson_per_cell
+
+    cfg = config.resolve({**SMALL, "n_epochs": 1})
+    t = Trainer(build_model(cfg, bundle.n_cells), bundle, cfg, tmp_path, torch.device("cpu"))
+    n = len(bundle.val)
+    assert n % 500 != 0
+    out = t.predict(bundle.val)
+    assert out.shape[0] == n
+    _, r = t.score(bundle.val)
+    assert torch.equal(r, pearson_per_cell(as_rates(cfg, out), bundle.val.targets))
+    assert not torch.equal(r, pearson_per_cell(as_rates(cfg, out[:-1]), bundle.val.targets[:-1]))
+
+
 def test_semantic_l1_is_the_mean_over_cells_of_each_cells_l1_norm(bundle, tmp_path):
     cfg = config.resolve({**SMALL, "model_type": "RetinotopicModel", "train_loop": "retinotopic_loop"})
     assert cfg["semantic_scale"] == 10.0  # the original's default

@@ -241,7 +241,8 @@ def _child(cwd: Path, exp: str):
     return client, runs[0]
 
 
-SUMMARY = ("best_val_pearson", "best_epoch", "test_pearson_at_best", "epochs_run", "stopped_early",
+SUMMARY = ("best_val_pearson", "best_epoch", "test_pearson_at_best", "test_pearson_last", "epochs_run",
+           "stopped_early",
            "eval_test_pearson_mean")
 
 

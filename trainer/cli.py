@@ -406,7 +406,8 @@ def evaluate(model: str, recording: str | None, data_root: str | None, out: str 
     loaded = load_model(model)
     cfg = loaded.config
     path = _recording_for(loaded, recording, data_root, "the scores are of this file")
-    data = load_data(path, cells=loaded.cell_ids, img_shape=cfg["img_shape"], val_frac=cfg["val_frac"])
+    data = load_data(path, cells=loaded.cell_ids, img_shape=cfg["img_shape"], val_frac=cfg["val_frac"],
+                     val_size=cfg.get("val_size", 0))
     pred = loaded.predict(data.test.stimulus).astype("float64")
     ev = evaluate_predictions(pred, data)
     click.echo(f"{loaded.source} (epoch {loaded.epoch}) on {path}: {ev.repeats_note}")

@@ -169,6 +169,9 @@ SCHEMA: tuple[Param, ...] = (
       "end, for validation; a gap of one window separates it from the training samples.", "data",
       _between(0, 1, hi_open=True),
       original="the last 10,000 of a random permutation: validation windows overlapped training windows"),
+    P("val_size", "int", 0, "Validation samples held out, as a count (the original's 10,000 at 5c2af72, hard-coded "
+      "there); 0 means val_frac decides. The same contiguous stretch at the end, after the same gap.", "data",
+      _ge(0)),
     P("shuffle", "bool", True, "Shuffle which samples form each batch, every epoch (frames inside a window are "
       "never reordered).", "data"),
     # --- training -------------------------------------------------------------------------------------------------
@@ -649,6 +652,19 @@ def load_hyperranges(path: str | Path | None, ranges_ok: bool = False) -> Loaded
     if path is None:
         return Loaded({})
     return parse_hyperranges(read_json(path, "hyperranges"), str(path), ranges_ok)
+
+
+def unset_log_poisson(params: Loaded, ranges: Loaded, where: str) -> list[str]:
+    """The one-line warning for a search whose Poisson loss leaves log_poisson unset (in both files): the original
+    then built PoissonNLLLoss() with torch's log_input=True, treating its rate outputs as log rates; retina-trainer
+    takes false (docs/differences.md), which every later config of the lab set."""
+    given = set(params.values) | set(ranges.values)
+    losses = ranges.values.get("lossfxn", [params.values.get("lossfxn", BY_NAME["lossfxn"].default)])
+    if "log_poisson" in given or "PoissonNLLLoss" not in losses:
+        return []
+    return [f"{where}: log_poisson is not set, so it is false (outputs are rates); the original then trained with "
+            "PoissonNLLLoss(log_input=True), torch's default: set \"log_poisson\": false to keep this, or true "
+            "to train as the original did"]
 
 
 def resolve(values: dict[str, Any]) -> dict[str, Any]:

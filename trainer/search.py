@@ -131,7 +131,8 @@ def expand(hyperparams: str | Path, hyperranges: str | Path | None = None) -> Se
         seen[r.config_id] = r.index
     search_id = _digest([r.config_id for r in runs], 10)
     return Search(search_id=search_id, exp_name=base["exp_name"], runs=tuple(runs), searched_keys=keys,
-                  warnings=tuple(params.warnings + ranges.warnings))
+                  warnings=tuple(params.warnings + ranges.warnings
+                                 + config.unset_log_poisson(params, ranges, str(hyperparams))))
 
 
 # ---- packing: runs that can train together on one device, sharing each batch -------------------------------------

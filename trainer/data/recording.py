@@ -372,16 +372,19 @@ def _read_repeats(f: h5py.File, path: Path, n_frames: int, cell_ids: list[int],
     return np.stack(cols, axis=-1)
 
 
-def _split_sizes(n_frames: int, history: int, val_frac: float) -> tuple[int, int, int]:
-    """(n_train, gap, n_val) samples for a train group of n_frames; n_train < 1 when it is too short."""
+def _split_sizes(n_frames: int, history: int, val_frac: float, val_size: int = 0) -> tuple[int, int, int]:
+    """(n_train, gap, n_val) samples for a train group of n_frames (n_val = val_size when > 0, else the val_frac
+    share); n_train < 1 when it is too short."""
     n = n_frames - history
-    n_val = max(1, int(val_frac * n + 0.5))
+    n_val = val_size if val_size > 0 else max(1, int(val_frac * n + 0.5))
     gap = history  # train sample s uses frames s..s+h; the first val sample must start after n_train - 1 + h
     return n - gap - n_val, gap, n_val
 
 
-def _frames_needed(history: int, val_frac: float) -> int:
-    """The fewest train frames that give at least one train sample, the gap and one validation sample."""
+def _frames_needed(history: int, val_frac: float, val_size: int = 0) -> int:
+    """The fewest train frames that give at least one train sample, the gap and the validation samples."""
+    if val_size > 0:
+        return 2 * history + 1 + val_size
     n_frames = 2 * history + 2  # the split grows by at most one train sample per extra frame, so walk up
     while _split_sizes(n_frames, history, val_frac)[0] < 1:
         n_frames += 1
@@ -389,14 +392,15 @@ def _frames_needed(history: int, val_frac: float) -> int:
 
 
 def _plan(train: _Split, test: _Split, history: int, val_frac: float,
-          path: Path) -> tuple[int, int, int, int]:
+          path: Path, val_size: int = 0) -> tuple[int, int, int, int]:
     """(n_train, gap, n_val, n_test) samples, or a DataError when a split is too short for the history."""
-    n_train, gap, n_val = _split_sizes(train.n_frames, history, val_frac)
+    n_train, gap, n_val = _split_sizes(train.n_frames, history, val_frac, val_size)
     if n_train < 1:
-        raise DataError(f"{path}: train has {train.n_frames} frames but history {history} with val_frac "
-                        f"{val_frac} needs at least {_frames_needed(history, val_frac)} frames (one train "
-                        f"sample, a gap of {history} and validation); use a longer recording or lower "
-                        f"history/val_frac")
+        held = f"val_size {val_size}" if val_size > 0 else f"val_frac {val_frac}"
+        raise DataError(f"{path}: train has {train.n_frames} frames but history {history} with {held} needs at "
+                        f"least {_frames_needed(history, val_frac, val_size)} frames (one train sample, a gap of "
+                        f"{history} and validation); use a longer recording or lower history/"
+                        f"{held.split()[0]}")
     n_test = test.n_frames - history
     if n_test < 1:
         raise DataError(f"{path}: test has {test.n_frames} frames, shorter than one window (history "
@@ -405,7 +409,9 @@ def _plan(train: _Split, test: _Split, history: int, val_frac: float,
     return n_train, gap, n_val, n_test
 
 
-def _check_params(history: int, val_frac: float) -> None:
+def _check_params(history: int, val_frac: float, val_size: int = 0) -> None:
+    if not (isinstance(val_size, (int, np.integer)) and not isinstance(val_size, bool) and val_size >= 0):
+        raise ConfigError(f"val_size must be a whole number of samples >= 0 (0: val_frac decides), got {val_size!r}")
     if not (isinstance(history, (int, np.integer)) and not isinstance(history, bool) and history >= 1):
         raise ConfigError(f"history (img_shape[0]) must be a positive integer, got {history!r}")
     if not (isinstance(val_frac, (int, float)) and 0 < val_frac < 1):
@@ -461,39 +467,41 @@ def _to_memory(stim: h5py.Dataset) -> np.ndarray:
 
 
 def _check_fit(f: h5py.File, path: Path, cells: str | list[int], img_shape: Sequence[int],
-               val_frac: float) -> tuple[_Split, _Split, tuple[int, int, int, int], tuple[list[int], str]]:
+               val_frac: float, val_size: int = 0
+               ) -> tuple[_Split, _Split, tuple[int, int, int, int], tuple[list[int], str]]:
     """Every check of a recording against run settings that needs only shapes: splits, sizes, cells (the rows
     and where their list came from)."""
     history, height, width = _img_shape(img_shape)
-    _check_params(history, val_frac)
+    _check_params(history, val_frac, val_size)
     train, test = _inspect(f, path)
     if train.frame_shape != (height, width):
         raise DataError(f"{path}: frames are {_hw(train.frame_shape)} but img_shape is "
                         f"{[history, height, width]}; set img_shape to {[history, *train.frame_shape]}")
-    plan = _plan(train, test, history, val_frac, path)
+    plan = _plan(train, test, history, val_frac, path, val_size)
     return train, test, plan, _cell_ids(cells, train.n_cells, path, f)
 
 
 def preflight(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
-              val_frac: float = 0.1) -> int:
+              val_frac: float = 0.1, val_size: int = 0) -> int:
     """Check a recording fits a run's settings without reading its arrays; returns the number of cells used."""
     path = Path(path).expanduser()
     with _open_h5(path) as f:
-        return len(_check_fit(f, path, cells, img_shape, val_frac)[3][0])
+        return len(_check_fit(f, path, cells, img_shape, val_frac, val_size)[3][0])
 
 
 def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
               val_frac: float = 0.1, device: str | torch.device = "cpu",
-              dtype: torch.dtype = torch.float32) -> DataBundle:
-    """Load a recording as train/val/test WindowSets; validation is the last stretch of train, after a gap.
+              dtype: torch.dtype = torch.float32, val_size: int = 0) -> DataBundle:
+    """Load a recording as train/val/test WindowSets; validation is the last stretch of train (val_size samples
+    when > 0, else the val_frac share), after a gap.
 
     Samples come in `dtype`: float32 for training; float64 for the tests that compare two code paths with a
     tolerance derived from float64 rounding."""
     path = Path(path).expanduser()
     history, height, width = _img_shape(img_shape)
     with _open_h5(path) as f:
-        train, test, (n_train, gap, n_val, n_test), (cell_ids, cells_source) = _check_fit(f, path, cells,
-                                                                                             img_shape, val_frac)
+        train, test, (n_train, gap, n_val, n_test), (cell_ids, cells_source) = _check_fit(
+            f, path, cells, img_shape, val_frac, val_size)
         train_rates = _read_rates(train, path, cell_ids)
         test_rates = _read_rates(test, path, cell_ids)
         train_stim, test_stim = _to_memory(train.stimulus), _to_memory(test.stimulus)

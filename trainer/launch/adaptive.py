@@ -96,7 +96,7 @@ def plan(hyperparams: str | Path, hyperranges: str | Path | None, strategy: str,
                           "strategy trains each configuration once (search seed as a key to vary it)")
     seed = base["seed"] if sampler_seed is None else sampler_seed
     p = Plan("", base["exp_name"], base, dict(ranges.values), strategy, prune, trials, seed,
-             tuple(params.warnings + ranges.warnings))
+             tuple(params.warnings + ranges.warnings + config.unset_log_poisson(params, ranges, str(hyperparams))))
     identity = {"strategy": strategy, "prune": prune, "sampler_seed": seed, "base": config.identity_view(base),
                 "space": p.space_json()}
     return dataclasses.replace(p, search_id="s" + search_mod._digest(identity, 9))

@@ -138,10 +138,10 @@ def preflight(search: Search, data_root: str | None, only: int | None = None,
                             f"data_root or $RETINA_DATA_ROOT, dataset and stim_type, or make one with "
                             f"`retina-trainer data synth {root}`")
         try:
-            key = (str(path), json.dumps(cfg["cells"]), tuple(cfg["img_shape"]), cfg["val_frac"])
+            key = (str(path), json.dumps(cfg["cells"]), tuple(cfg["img_shape"]), cfg["val_frac"], cfg["val_size"])
             if key not in checked:
                 checked[key] = recording_preflight(path, cells=cfg["cells"], img_shape=cfg["img_shape"],
-                                                   val_frac=cfg["val_frac"])
+                                                   val_frac=cfg["val_frac"], val_size=cfg["val_size"])
             check_trainable(build_model(cfg, checked[key]), cfg)
             resolve_device(cfg["device"])
             if cfg["analysis_interneurons"] and cfg["analysis"] != "none" and \
@@ -205,11 +205,11 @@ class DataCache:
 
     def get(self, path: Path, cfg: dict[str, Any], device: torch.device) -> DataBundle:
         cells = cfg["cells"] if cfg["cells"] == "all" else tuple(cfg["cells"])
-        key = (str(path), cells, tuple(cfg["img_shape"]), cfg["val_frac"], str(device))
+        key = (str(path), cells, tuple(cfg["img_shape"]), cfg["val_frac"], cfg["val_size"], str(device))
         if key != self.key:
             self.bundle = None  # free the previous recording before reading the next
             self.bundle = load_data(path, cells=cfg["cells"], img_shape=cfg["img_shape"],
-                                    val_frac=cfg["val_frac"], device=device)
+                                    val_frac=cfg["val_frac"], val_size=cfg["val_size"], device=device)
             self.key = key
         assert self.bundle is not None
         return self.bundle
@@ -334,6 +334,8 @@ def _finish(m: _Member, result: FitResult, data: DataBundle, echo: Echo, plots: 
     summary = {"best_val_pearson": result.best_val_pearson, "best_epoch": result.best_epoch,
                "test_pearson_at_best": result.test_pearson_at_best, "epochs_run": result.epochs_run,
                "stopped_early": float(result.stopped_early)}
+    if result.history:  # the original's headline figure: the test r of the last epoch trained
+        summary["test_pearson_last"] = result.history[-1]["test_pearson"]
     if result.pruned_epoch:  # an adaptive search's pruner ended it: FINISHED, with its best checkpoint so far
         summary["pruned_epoch"] = result.pruned_epoch
         m.log.set_tag(PRUNED_TAG, f"pruned after epoch {result.pruned_epoch} of {m.spec.config['n_epochs']} by the "
