@@ -4,8 +4,9 @@
     .venv/bin/python benchmarks/science_check.py --seeds 0 1 2 3 4 5 --set train_frames=20000 --ln lr=0.002
     .venv/bin/python benchmarks/science_check.py --broken linear     # CNN without its nonlinearities: must fail
 
-For each seed: mean Pearson r against the ground-truth test rates of the trained BNCNN, the trained LN and the
-untrained BNCNN, on the subunit cells and on the LN cells, and whether the test's criteria (`check`) pass, with
+For each seed: mean Pearson r against the ground-truth test rates of the trained BNCNN, the trained LN, the
+published LN baseline (RevCorLN: reverse correlation and a fitted polynomial, not trained) and the untrained
+BNCNN, on the subunit cells and on the LN cells, and whether the test's criteria (`check`) pass, with
 the failures listed in the JSON line.
 """
 
@@ -78,17 +79,19 @@ def main() -> None:
                                                    - res["cnn_LN"] + res["ln_LN"], 3),
                    "cnn_epochs": [round(h["val_pearson"], 3) for h in res["cnn_fit"].history],
                    "ln_epochs": [round(h["val_pearson"], 3) for h in res["ln_fit"].history],
+                   "cnn_minus_revcor_subunit": round(res["cnn_subunit"] - res["revcor_subunit"], 3),
                    "passes": not problems, "problems": problems}
             rows.append(row)
             print(json.dumps(row), flush=True)
     print(f"{'seed':>4} {'CNN sub':>8} {'LN sub':>8} {'untr sub':>8} {'CNN-LN':>7} | "
           f"{'CNN LN':>7} {'LN LN':>7} {'untr LN':>7} {'CNN-LN':>7} | {'spec':>6} | {'FEVE CNN':>8} {'LN':>6} "
-          f"{'s':>5} pass")
+          f"{'s':>5} pass | {'RevCorLN sub':>12} {'RevCorLN LN':>11} {'FEVE':>6}")
     for r in rows:
         print(f"{r['seed']:>4} {r['cnn_subunit']:>8.3f} {r['ln_subunit']:>8.3f} {r['untrained_subunit']:>8.3f} "
               f"{r['cnn_minus_ln_subunit']:>7.3f} | {r['cnn_LN']:>7.3f} {r['ln_LN']:>7.3f} "
               f"{r['untrained_LN']:>7.3f} {r['cnn_minus_ln_LN']:>7.3f} | {r['lead_sub_minus_lead_LN']:>6.3f} | "
-              f"{r['cnn_feve']:>8.3f} {r['ln_feve']:>6.3f} {r['seconds']:>5.0f} {r['passes']}")
+              f"{r['cnn_feve']:>8.3f} {r['ln_feve']:>6.3f} {r['seconds']:>5.0f} {r['passes']} | "
+              f"{r['revcor_subunit']:>12.3f} {r['revcor_LN']:>11.3f} {r['revcor_feve']:>6.3f}")
     print("spec: the CNN's lead over LN on subunit cells minus its lead on LN cells; margins", sc.MARGINS)
 
 

@@ -98,11 +98,11 @@ def test_expand_with_pack_shows_the_pack_of_each_run(tmp_path):
     hp, hr = files(tmp_path, {"n_repeats": 2}, {"chans": [[8, 8], [4, 8]], "lr": [0.1, 0.2]})
     res = CliRunner().invoke(main, ["expand", str(hp), str(hr), "--pack", "3", "--json"])
     assert res.exit_code == 0, res.output
-    packs = [r["pack"] for r in json.loads(res.output)["runs"]]
+    packs = [r["pack"] for r in json.loads(res.stdout)["runs"]]  # warnings (log_poisson unset) go to stderr
     # chans [8, 8] (runs 0-3) and [4, 8] (runs 4-7) never share a pack; each splits into 3 + 1
     assert packs == [0, 0, 0, 1, 2, 2, 2, 3]
     table = CliRunner().invoke(main, ["expand", str(hp), str(hr), "--pack", "3"])
-    assert "8 runs in 4 packs of up to 3" in table.output and " pack " in table.output.splitlines()[1]
+    assert "8 runs in 4 packs of up to 3" in table.stdout and " pack " in table.stdout.splitlines()[1]
     plain = CliRunner().invoke(main, ["expand", str(hp), str(hr)])
-    assert "pack" not in plain.output.splitlines()[1] and "pack" not in json.loads(
-        CliRunner().invoke(main, ["expand", str(hp), str(hr), "--json"]).output)["runs"][0]
+    assert "pack" not in plain.stdout.splitlines()[1] and "pack" not in json.loads(
+        CliRunner().invoke(main, ["expand", str(hp), str(hr), "--json"]).stdout)["runs"][0]

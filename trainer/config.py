@@ -19,7 +19,7 @@ from trainer.errors import ConfigError
 
 # Model classes and training loops that exist (kept here so config stays torch-free; a test checks they match the
 # registries in trainer.models and trainer.training).
-MODEL_TYPES = ("BNCNN", "LN", "LinearStackedBNCNN", "VaryModel", "RetinotopicModel")
+MODEL_TYPES = ("BNCNN", "LN", "LinearStackedBNCNN", "VaryModel", "RetinotopicModel", "RevCorLN")
 TRAIN_LOOPS = ("train_loop", "retinotopic_loop")
 LOSSES = ("PoissonNLLLoss", "MSELoss")
 SCHEDULERS = ("ReduceLROnPlateau", "MultiStepLR", "none")
@@ -119,8 +119,9 @@ SCHEMA: tuple[Param, ...] = (
     P("device", "str", "auto", "Where to train: auto (CUDA when present, else CPU), cpu, cuda, cuda:N or mps.",
       "experiment", _device, original="cuda:0 was hard-coded", identity=False),
     # --- model ----------------------------------------------------------------------------------------------------
-    P("model_type", "str", "BNCNN", "Model class, looked up by name in the model registry.", "model",
-      choices=MODEL_TYPES),
+    P("model_type", "str", "BNCNN", "Model class, looked up by name in the model registry. RevCorLN is the published "
+      "LN baseline, fitted by reverse correlation and a degree-5 polynomial as the original's train_ln (one epoch, "
+      "no gradient descent; the optimiser settings do not apply).", "model", choices=MODEL_TYPES),
     P("n_layers", "int", 3, "Number of layers of VaryModel (the last is the ganglion-cell layer).", "model", _ge(1)),
     P("bnorm", "bool", True, "Use batch normalisation where the model has it.", "model"),
     P("bnorm_d", "int", 1, "Batch norm kind: 1 = one affine per unit and location, 2 = one per channel.", "model",
@@ -681,6 +682,8 @@ def identity_view(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def check_run(cfg: dict[str, Any], where: str) -> None:
     """Checks that involve several keys of one resolved run configuration."""
+    if cfg["model_type"] == "RevCorLN" and cfg["prune"]:
+        raise ConfigError(f"{where}: model_type RevCorLN has no channels to prune; set prune to false")
     if cfg["scheduler_original"] == "003f581" and cfg["scheduler"] != "ReduceLROnPlateau":
         raise ConfigError(f"{where}: scheduler_original 003f581 always built ReduceLROnPlateau; set scheduler to "
                           "ReduceLROnPlateau, or scheduler_original to 507decb or 5c2af72")

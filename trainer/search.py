@@ -157,8 +157,9 @@ def without_analysis(search: Search) -> Search:
 
 def pack_key(cfg: dict[str, Any]) -> str | None:
     """What runs must share to train in one pack, or None for a run that always trains alone: pruning (it changes
-    each member's channels), the retinotopic loop (its extra terms read each model's read-out) and compile."""
-    if cfg["prune"] or cfg["train_loop"] != "train_loop" or cfg["compile"]:
+    each member's channels), the retinotopic loop (its extra terms read each model's read-out), compile and
+    RevCorLN (fitted in closed form, not trained)."""
+    if cfg["prune"] or cfg["train_loop"] != "train_loop" or cfg["compile"] or cfg["model_type"] == "RevCorLN":
         return None
     return _digest({k: v for k, v in cfg.items() if k not in PACK_MEMBER_KEYS}, 16)
 

@@ -102,4 +102,4 @@ def init_output_rates(model: nn.Module, rates: torch.Tensor, log_rates: bool) ->
 
 
 # Imported last: the model modules use register() defined above to add themselves to MODELS.
-from trainer.models import bncnn, retinotopic, stacked, vary  # noqa: F401, E402
+from trainer.models import bncnn, retinotopic, revcor, stacked, vary  # noqa: F401, E402

@@ -235,6 +235,9 @@ class Trainer:
         if cfg["train_loop"] not in self.loops:
             raise UserError(f"unknown train_loop '{cfg['train_loop']}': available: {', '.join(self.loops)}")
         check_trainable(model, cfg)
+        # A model fitted in closed form (RevCorLN) is fitted in one epoch instead of trained for n_epochs.
+        self.fitted = bool(getattr(model, "fitted_by_revcor", False))
+        self.n_epochs = 1 if self.fitted else cfg["n_epochs"]
         # Pruning after the normal epochs; None when prune is false. Checked here, not when the phase begins.
         self.pruner = build_pruner(self.model, self.optimizer, self.scheduler, cfg) if cfg["prune"] else None
 
@@ -289,6 +292,15 @@ class Trainer:
             raise TrainingDiverged(f"training loss became {value} in epoch {epoch}; lower lr "
                                    f"(now {self.cfg['lr']:g}) or check the recording")
         return {"train_loss": value, **{name: v.item() / steps for name, v in extra.items()}}
+
+    def fit_epoch(self, epoch: int) -> dict[str, float]:
+        """The one epoch of a model fitted in closed form (RevCorLN: fit_revcor on the training split, seeded by
+        the run's seed); its training loss is the data loss of the fitted model on the training samples."""
+        from trainer.models.revcor import fit_revcor
+
+        fit_revcor(self.model, self.data.train, seed=self.cfg["seed"])
+        loss, _ = self.score_outputs(self.predict(self.data.train), self.data.train)
+        return {"train_loss": loss}
 
     def batch_loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The training objective of one batch: mean data loss plus the l1 penalty (see l1_penalty)."""
@@ -372,7 +384,7 @@ class Trainer:
             return None
         if self._pruning and not pruner.begin(self.epoch + 1, self._importance_inputs):
             self.done = True
-        elif not self._pruning and self.epoch >= self.cfg["n_epochs"]:
+        elif not self._pruning and self.epoch >= self.n_epochs:
             self.done = True
         if self.done:
             return None
@@ -381,7 +393,7 @@ class Trainer:
 
     def end_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """Judge a trained and scored epoch: best so far, early stopping, pruning; checkpoint and report it."""
-        n_epochs, patience, pruner, pruning = self.cfg["n_epochs"], self.cfg["early_stopping"], self.pruner, \
+        n_epochs, patience, pruner, pruning = self.n_epochs, self.cfg["early_stopping"], self.pruner, \
             self._pruning
         if pruning:
             pruner.end_epoch(epoch, metrics["val_pearson"])  # may revert to the copy taken before pruning
@@ -414,7 +426,7 @@ class Trainer:
 
     def result(self) -> FitResult:
         """What the run achieved (and, after pruning, pruning.json written and reported)."""
-        n_epochs = self.cfg["n_epochs"]
+        n_epochs = self.n_epochs
         normal_epochs = self.epoch
         if self.pruner is not None and self.pruner.active:
             normal_epochs = self.pruner.normal_epochs
@@ -426,7 +438,7 @@ class Trainer:
     def _epoch(self, epoch: int) -> dict[str, float]:
         """Train one epoch with the selected loop, score validation and test, step the scheduler: the metrics."""
         t0 = time.perf_counter()
-        metrics = self.loops[self.cfg["train_loop"]](epoch)
+        metrics = self.fit_epoch(epoch) if self.fitted else self.loops[self.cfg["train_loop"]](epoch)
         train_seconds = time.perf_counter() - t0
         return self.scored(metrics, self.predict(self.data.val), self.predict(self.data.test), t0, train_seconds)
 
