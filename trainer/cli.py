@@ -575,32 +575,50 @@ def predict(model: str, recording: str, out: str, force: bool) -> None:
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Folder to write best.pt to (default: imported/<the checkpoint's folder name>).")
 @click.option("--force", is_flag=True, help="Replace <out>/best.pt if it exists.")
+@click.option("--recording", type=click.Path(dir_okay=False), default=None,
+              help="Recording the model was trained on: the import scores it on our validation and test splits "
+                   "(best_val_pearson, test_pearson_at_best).")
+@click.option("--data-root", type=click.Path(file_okay=False), default=None,
+              help="Data root holding <dataset>/<stim_type>.h5 of the checkpoint's hyperparameters, to score on "
+                   "(as --recording).")
 @click.option("--register", "register_as", metavar="NAME", default=None,
               help="Also log it as an MLflow run and register it as a new version of model NAME (the alias "
-                   "champion moves as with `register`, on best_val_pearson: the original's val_acc).")
+                   "champion moves as with `register`, on best_val_pearson: our validation r, scored only with "
+                   "--recording or --data-root; the original's val_acc is logged as original_val_acc).")
 @click.option("--experiment", default="imported", show_default=True,
               help="MLflow experiment of the run --register logs.")
-def import_model(path: str, out: str | None, force: bool, register_as: str | None, experiment: str) -> None:
+def import_model(path: str, out: str | None, force: bool, recording: str | None, data_root: str | None,
+                 register_as: str | None, experiment: str) -> None:
     """Convert a model trained with the original torchdeepretina into a retina-trainer checkpoint.
 
-    PATH is one of its test_epoch_<N>.pt files or a run folder (then its newest checkpoint that still holds
-    model_state_dict). BNCNN and LinearStackedBNCNN (without convgc) are imported: the architecture comes from
-    the checkpoint's hyps (or the folder's hyperparams.json), the weights are checked against it shape by shape,
-    and the stimulus normalisation is its norm_stats. Use the result with `evaluate`, `predict` or
-    `trainer.inference.load_model`. Nothing of the file's code is run: only tensors, numbers and containers are
-    unpickled (torch's weights-only rules).
+    PATH is one of its test_epoch_<N>.pt (or .pth) files or a run folder (then its newest checkpoint that still
+    holds model_state_dict). BNCNN, LinearStackedBNCNN and VaryModel (with or without convgc) and
+    RetinotopicModel are imported: the architecture comes from the checkpoint's hyps (or the folder's
+    hyperparams.json), the weights are checked against it shape by shape, the stimulus normalisation is its
+    norm_stats, and the imported model computes what the original computed (with convgc, the original's clamped
+    read-out position; RetinotopicModel's one-hot maps as learnt). The original's epoch N (counted from 0) is
+    epoch N + 1 here. Use the result with `evaluate`, `predict` or `trainer.inference.load_model`. Nothing of the
+    file's code is run: only tensors, numbers and containers are unpickled (torch's weights-only rules).
     """
     from trainer.importer import import_checkpoint, run_metrics
 
-    done = import_checkpoint(path, out=out, force=force)
+    done = import_checkpoint(path, out=out, force=force, recording=recording, data_root=data_root)
     for note in done.notes:
         click.echo(f"note: {note}", err=True)
     st = done.state
-    val = f", val r {st['best_val_pearson']:.3f}" if st["best_val_pearson"] == st["best_val_pearson"] else ""
-    click.echo(f"imported {st['model_type']} (epoch {st['epoch']}, {st['n_cells']} cells{val}) from {done.source} "
-               f"-> {done.path}")
+    orig = st["imported_from"]
+    val = f", val r {st['best_val_pearson']:.3f} on our split" if st["best_val_pearson"] == st["best_val_pearson"] \
+        else ""
+    if orig.get("val_acc") is not None:
+        val += f", original val_acc {orig['val_acc']:.3f}"
+    was = f", the original's epoch {orig['epoch']}" if orig.get("epoch") is not None else ""
+    click.echo(f"imported {st['model_type']} (epoch {st['epoch']}{was}, {st['n_cells']} cells{val}) from "
+               f"{done.source} -> {done.path}")
     if register_as is None:
         return
+    if st["best_val_pearson"] != st["best_val_pearson"]:
+        click.echo("note: not scored on a recording (give --recording or --data-root): the run has no "
+                   "best_val_pearson, so it takes the champion alias only where there is none", err=True)
     from trainer.tracking import log_imported
 
     r = log_imported(done.path, st["config"], st["imported_from"], run_metrics(st), experiment=experiment,

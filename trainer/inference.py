@@ -114,6 +114,7 @@ def load_checkpoint(path: str | Path, source: str | None = None) -> LoadedModel:
                         "(RetinotopicModel) must be trained again") from None
     if state.get("format", 1) < checkpoint.FORMAT:
         _as_before_0_2(model)
+    _set_bn_eps(model, state.get("bn_eps") or {}, path)
     model.eval()
     return LoadedModel(model=model, config=cfg, mean=float(state["norm"]["mean"]),
                        std=float(state["norm"]["std"]), cell_ids=list(state["cell_ids"]), epoch=int(state["epoch"]),
@@ -126,6 +127,20 @@ def _as_before_0_2(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eps = 1e-5
+
+
+def _set_bn_eps(model: nn.Module, eps: dict[str, float], path: Path) -> None:
+    """Batch norms of an imported model that the original built with another eps than ours (the checkpoint's
+    `bn_eps`, {module name: eps}, written by trainer.importer; e.g. a0c756d's convgc output batch norm, 1e-5)."""
+    for name, value in eps.items():
+        try:
+            module = model.get_submodule(str(name))
+        except AttributeError:
+            module = None
+        if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            raise UserError(f"{path}: its bn_eps names {name!r}, which is no batch norm of its model; import the "
+                            "original's checkpoint again")
+        module.eps = float(value)
 
 
 def load_model(ref: str | Path) -> LoadedModel:

@@ -778,12 +778,15 @@ def log_imported(checkpoint_path: Path, cfg: dict[str, Any], imported_from: dict
                  metrics: dict[str, float], experiment: str = "imported", register_as: str | None = None,
                  run_name: str | None = None) -> dict[str, Any]:
     """Log an imported checkpoint (`retina-trainer import`) as a FINISHED run of `experiment`: the config as
-    params and hyperparams.json, the original's scores as metrics at its epoch, the tag `imported_from` (the
-    source file), the file as checkpoints/best.pt; then, with `register_as`, register it as `register` does."""
+    params and hyperparams.json, `metrics` (trainer.importer.run_metrics: the original's scores as original_*,
+    ours as best_val_pearson when the import scored it) at our epoch (best_epoch), the tags `imported_from` (the
+    source file) and `imported_epoch` (the original's 0-based epoch), the file as checkpoints/best.pt; then, with
+    `register_as`, register it as `register` does."""
     tracker = Tracker(experiment)
     client = tracker.client
     source = str(imported_from.get("source", ""))
-    tags = {ROLE: "import", IMPORTED_FROM: source, "imported_epoch": str(imported_from.get("epoch", ""))}
+    epoch = imported_from.get("epoch")
+    tags = {ROLE: "import", IMPORTED_FROM: source, "imported_epoch": "" if epoch is None else str(epoch)}
     try:
         run = client.create_run(tracker.experiment_id, run_name=run_name, tags=tags)
         run_id = run.info.run_id
@@ -791,7 +794,7 @@ def log_imported(checkpoint_path: Path, cfg: dict[str, Any], imported_from: dict
         try:
             log.log_params(cfg)
             client.log_dict(run_id, cfg, "hyperparams.json")
-            log.log_metrics(metrics, step=int(imported_from.get("epoch", 0) or 0))
+            log.log_metrics(metrics, step=int(metrics.get("best_epoch", 0) or 0))
             log.checkpoint(Path(checkpoint_path), "best.pt")
             from trainer.inference import load_checkpoint
 
