@@ -384,6 +384,19 @@ def test_linear_stacked_computes_as_the_original(tmp_path, bnorm_d, drop_p, soft
     assert assert_same_outputs(orig, loaded.model) == 0.0
 
 
+@pytest.mark.parametrize("softplus, drop_p", [(True, 0.0), (False, 0.0), (True, 0.05)])
+def test_ln_computes_as_the_original(tmp_path, softplus, drop_p):
+    """The original's LN: Flatten, Dropout(drop_p), Linear(bias), Softplus or ELU (models.py: LN @fb78691). Max
+    |difference| 0.0 (float64)."""
+    d = IMG[0] * IMG[1] * IMG[2]
+    orig = randomise(Original([Flatten(), nn.Dropout(drop_p), nn.Linear(d, N_UNITS, bias=True),
+                               nn.Softplus() if softplus else nn.ELU()]))
+    done, loaded = do_import(tmp_path, orig, hyps_for("LN", softplus=softplus, drop_p=drop_p))
+    assert assert_same_outputs(orig, loaded.model) == 0.0
+    assert loaded.config["model_type"] == "LN" and loaded.config["softplus"] is softplus
+    assert loaded.config["drop_p"] == drop_p and not any("batch norms" in n for n in done.notes)
+
+
 def test_predict_gives_the_originals_rates_on_normalised_windows(tmp_path):
     orig = randomise(original_bncnn(), seed=3)
     _, loaded = do_import(tmp_path, orig, hyps_for())
@@ -675,7 +688,7 @@ def test_never_runs_code_from_the_checkpoint(tmp_path, fmt_zip):
 def test_unknown_model_type(tmp_path):
     src = save_original(tmp_path / "r" / "test_epoch_1.pt", randomise(original_bncnn()), hyps_for("RNNCNN"))
     with pytest.raises(UserError, match=r"model_type 'RNNCNN' cannot be imported: .*BNCNN, LinearStackedBNCNN, "
-                                        r"VaryModel, RetinotopicModel.*sequential\.0\.weight"):
+                                        r"VaryModel, RetinotopicModel, LN.*sequential\.0\.weight"):
         import_checkpoint(src, out=tmp_path / "o")
 
 

@@ -592,8 +592,8 @@ def import_model(path: str, out: str | None, force: bool, recording: str | None,
     """Convert a model trained with the original torchdeepretina into a retina-trainer checkpoint.
 
     PATH is one of its test_epoch_<N>.pt (or .pth) files or a run folder (then its newest checkpoint that still
-    holds model_state_dict). BNCNN, LinearStackedBNCNN and VaryModel (with or without convgc) and
-    RetinotopicModel are imported: the architecture comes from the checkpoint's hyps (or the folder's
+    holds model_state_dict). BNCNN, LinearStackedBNCNN and VaryModel (with or without convgc), RetinotopicModel
+    and LN are imported: the architecture comes from the checkpoint's hyps (or the folder's
     hyperparams.json), the weights are checked against it shape by shape, the stimulus normalisation is its
     norm_stats, and the imported model computes what the original computed (with convgc, the original's clamped
     read-out position; RetinotopicModel's one-hot maps as learnt). The original's epoch N (counted from 0) is

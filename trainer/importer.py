@@ -73,7 +73,7 @@ from trainer.models.retinotopic import OneHotReadout
 from trainer.models.stacked import LinearStackedConv2d, PositiveBatchNorm
 from trainer.training import checkpoint
 
-SUPPORTED = ("BNCNN", "LinearStackedBNCNN", "VaryModel", "RetinotopicModel")
+SUPPORTED = ("BNCNN", "LinearStackedBNCNN", "VaryModel", "RetinotopicModel", "LN")
 CONVGC_MODELS = ("BNCNN", "LinearStackedBNCNN", "VaryModel")  # RetinotopicModel never read convgc
 EPOCH_FILE = re.compile(r"^.+_epoch_(\d+)\.pth?$")  # .pt (io.py: save_checkpoint) or .pth (analysis.py: read_model)
 DEFAULT_ROOT = Path("imported")
@@ -638,7 +638,7 @@ def _as_list(value: Any) -> Any:
 def _check_options(raw: dict[str, Any], values: dict[str, Any], model_type: str, where: str) -> None:
     """The original's layer options that no model here has (models.py @fb78691: paddings, stack_ksizes,
     stack_chans, one2one; RetinotopicModel's collapsed) must be at the values that build what ours build."""
-    if model_type == "BNCNN":
+    if model_type in ("BNCNN", "LN"):
         return
     if model_type == "LinearStackedBNCNN":
         n_hidden, stacked = 2, True
@@ -862,9 +862,9 @@ def convert(data: dict[str, Any], source: Path, folder: Path, notes: list[str]) 
     read_here = ("centers",) if model_type in CONVGC_MODELS and raw.get("convgc") else ()
     values = parse_original(raw, f"{where} ({hyps_from})", notes, read_here)
     _check_options(raw, values, model_type, where)
-    if values.get("bnorm") is False:
+    if values.get("bnorm") is False and model_type != "LN":
         notes.append(f"{where}: bnorm false is ignored: the original's {model_type} always has batch norms")
-    values["bnorm"] = True
+    values["bnorm"] = True  # LN has none and does not read it
     if model_type == "RetinotopicModel":
         _retinotopic_values(values, where, notes)
     convgc = bool(values.get("convgc")) and model_type in CONVGC_MODELS
