@@ -157,12 +157,8 @@ class Heartbeat:
     def _beat(self) -> None:
         while True:
             time.sleep(HEARTBEAT_S)
-            with self.lock:
-                runs = list(self.runs)
-            for run_id in runs:
-                with self.lock:  # not after release(): an ended run's cleared lease is never renewed again
-                    if run_id not in self.runs:
-                        continue
+            with self.lock:  # release() waits for these writes: an ended run's cleared lease is never renewed
+                for run_id in list(self.runs):
                     try:
                         self.client.set_tag(run_id, LEASE_TAG, lease_value())
                     except Exception:  # a dead server: the training thread meets it and stops the search
