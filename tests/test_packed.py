@@ -14,7 +14,8 @@ from trainer.data.recording import WindowSet, load_data, recording_path
 from trainer.errors import ConfigError
 from trainer.launch.local import seed_everything
 from trainer.models import build_model, prepare_model
-from trainer.search import pack_key, plan_packs
+from trainer.pack_rule import PACK_MEMBER_KEYS, pack_conflict, pack_key
+from trainer.search import plan_packs
 from trainer.training import checkpoint
 from trainer.training.packed import PackedTrainer, StackedModels
 from trainer.training.trainer import FitResult, Trainer, TrainingDiverged
@@ -295,10 +296,14 @@ def test_a_packed_step_is_as_accurate_as_a_step_alone(bundle, bundle64, tmp_path
 
 
 def test_members_that_differ_in_the_forward_pass_are_refused(bundle, tmp_path):
-    for other in ({"batch_size": 64}, {"lossfxn": "MSELoss"}, {"prune": True}):
+    """The pack runs member 0's modules: a member with another activation or noise would train as member 0 does."""
+    for other in ({"batch_size": 64}, {"lossfxn": "MSELoss"}, {"prune": True}, {"activ_fxn": "Tanh"},
+                  {"noise": 0.1}, {"bn_moment": 0.5}):
         trainers = [make(bundle, tmp_path / "a", {}), make(bundle, tmp_path / "b", other)]
-        with pytest.raises(ConfigError, match="pack"):
+        key = next(iter(other))
+        with pytest.raises(ConfigError, match=f"pack member 1 has {key}" if key != "prune" else "pack member 1"):
             PackedTrainer(trainers)
+    PackedTrainer([make(bundle, tmp_path / "e", {}), make(bundle, tmp_path / "f", MEMBERS[1])])  # member keys differ
     with pytest.raises(ConfigError, match="shape"):
         StackedModels([make(bundle, tmp_path / "c", {}).model, make(bundle, tmp_path / "d", {"chans": [4, 2]}).model])
 
@@ -322,6 +327,25 @@ def test_plan_packs_groups_runs_that_differ_only_in_member_settings():
     assert [[r.index for r in p] for p in plan_packs(runs, 1)] == [[i] for i in range(7)]
     with pytest.raises(ConfigError, match="--pack"):
         plan_packs(runs, 0)
+
+
+def test_every_setting_outside_the_member_keys_keeps_runs_apart():
+    """One rule for plan_packs and PackedTrainer: for every key of the schema outside PACK_MEMBER_KEYS, two
+    configurations that differ in it get other pack keys and are refused as one pack; the member keys may differ."""
+    cfg = config.resolve(BASE)
+    outside = sorted(set(cfg) - PACK_MEMBER_KEYS)
+    assert len(outside) > 30 and {"activ_fxn", "noise", "dataset", "chans"} <= set(outside)
+    for key in outside:
+        other = {**cfg, key: ("another value", cfg[key])}
+        assert pack_key(other) != pack_key(cfg), key
+        assert f"member 1 has {key}" in (pack_conflict([cfg, other]) or ""), key
+    member = {**cfg, **{k: ("another value", cfg[k]) for k in PACK_MEMBER_KEYS}}
+    assert pack_key(member) == pack_key(cfg) and pack_conflict([cfg, member]) is None
+
+
+def test_plan_packs_keeps_runs_with_other_noise_or_activation_apart():
+    runs = [spec(0), spec(1, noise=0.1), spec(2, activ_fxn="Tanh"), spec(3, lr=0.5)]
+    assert [[r.index for r in p] for p in plan_packs(runs, 4)] == [[0, 3], [1], [2]]
 
 
 def test_a_member_whose_checkpoint_does_not_load_fails_alone(bundle, tmp_path):

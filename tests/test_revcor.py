@@ -78,7 +78,7 @@ def test_a_run_fits_it_in_one_epoch_and_its_checkpoint_reloads(recording, tmp_pa
 
 
 def test_revcor_ln_is_never_pruned_or_packed():
-    from trainer.search import pack_key
+    from trainer.pack_rule import pack_key
 
     with pytest.raises(ConfigError, match="RevCorLN has no channels to prune"):
         config.check_run(config.resolve({"model_type": "RevCorLN", "prune": True}), "run 0")

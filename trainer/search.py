@@ -16,6 +16,7 @@ from typing import Any
 
 from trainer import config
 from trainer.errors import ConfigError
+from trainer.pack_rule import pack_key
 
 
 @dataclass(frozen=True)
@@ -137,31 +138,10 @@ def expand(hyperparams: str | Path, hyperranges: str | Path | None = None) -> Se
 
 # ---- packing: runs that can train together on one device, sharing each batch -------------------------------------
 
-# The settings in which the members of a pack may differ: the optimiser, the stopping rule and the seed (each member
-# builds its own initial weights from it), and what each analyses after training. Every other setting (recording,
-# architecture, batch size, loss, precision, device) must be equal, since the pack runs one forward pass over one
-# batch stream.
-PACK_MEMBER_KEYS = frozenset({
-    "seed", "lr", "l2", "l1", "n_epochs", "early_stopping", "save_every_epoch",
-    "scheduler", "scheduler_scale", "scheduler_patience", "scheduler_thresh", "scheduler_milestones",
-    "scheduler_gamma", "scheduler_original",
-    "analysis", "analysis_sta_hold", "analysis_interneurons",  # each member's own analyses
-})
-
-
 def without_analysis(search: Search) -> Search:
     """The same search with `analysis` "none" for every run (`search --no-analysis`); run identities unchanged."""
     runs = tuple(dataclasses.replace(r, config={**r.config, "analysis": "none"}) for r in search.runs)
     return dataclasses.replace(search, runs=runs)
-
-
-def pack_key(cfg: dict[str, Any]) -> str | None:
-    """What runs must share to train in one pack, or None for a run that always trains alone: pruning (it changes
-    each member's channels), the retinotopic loop (its extra terms read each model's read-out), compile and
-    RevCorLN (fitted in closed form, not trained)."""
-    if cfg["prune"] or cfg["train_loop"] != "train_loop" or cfg["compile"] or cfg["model_type"] == "RevCorLN":
-        return None
-    return _digest({k: v for k, v in cfg.items() if k not in PACK_MEMBER_KEYS}, 16)
 
 
 def plan_packs(runs: list[RunSpec] | tuple[RunSpec, ...], size: int) -> list[list[RunSpec]]:

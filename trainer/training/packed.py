@@ -2,7 +2,7 @@
 
 The models are small, so one model leaves a GPU mostly idle and most of a step is overhead. A pack holds K models
 of identical shape (the runs of a search that differ only in optimiser settings, stopping rule and seed, see
-`trainer.search.pack_key`) and trains them as one: their parameters and buffers are stacked along a new first axis
+`trainer.pack_rule`) and trains them as one: their parameters and buffers are stacked along a new first axis
 and one vectorised forward pass (`torch.func.vmap` over `functional_call`) computes all K outputs from each shared
 batch. Under vmap the first convolution, which every member applies to the same input, becomes one convolution
 with K times the output channels; later layers become grouped convolutions and batched matrix products.
@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from trainer.data.recording import WindowSet
 from trainer.errors import ConfigError
+from trainer.pack_rule import pack_conflict
 from trainer.training.trainer import (
     FitResult,
     Trainer,
@@ -45,9 +46,6 @@ from trainer.training.trainer import (
     score_batch,
     tf32,
 )
-
-# Settings every member of a pack must share (the rest of a pack's identity is the model's shape, checked below).
-SHARED = ("batch_size", "shuffle", "lossfxn", "log_poisson", "precision", "train_loop", "compile", "prune")
 
 
 class StackedModels:
@@ -171,18 +169,15 @@ def _own_storage(model: nn.Module) -> None:
 
 
 def check_packable(trainers: list[Trainer]) -> None:
-    """Members must share the recording and every setting of the shared forward pass; pruning, the retinotopic
-    loop and compile train alone."""
+    """Members must share the recording, the device and every setting outside the pack member keys
+    (`trainer.pack_rule`, the rule `plan_packs` groups a search's runs by)."""
     lead = trainers[0]
     for i, t in enumerate(trainers[1:], 1):
         if t.data is not lead.data or t.device != lead.device:
             raise ConfigError(f"pack member {i} uses another recording or device than member 0")
-        for key in SHARED:
-            if t.cfg[key] != lead.cfg[key]:
-                raise ConfigError(f"pack member {i} has {key}={t.cfg[key]!r}, member 0 {lead.cfg[key]!r}: "
-                                  "members of a pack must share it")
-    if lead.cfg["prune"] or lead.cfg["train_loop"] != "train_loop" or lead.cfg["compile"]:
-        raise ConfigError("runs with prune, train_loop retinotopic_loop or compile train alone, not in a pack")
+    conflict = pack_conflict([t.cfg for t in trainers])
+    if conflict is not None:
+        raise ConfigError(conflict)
 
 
 class PackedTrainer:
