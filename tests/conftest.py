@@ -69,6 +69,72 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
+# How long a test waits for something that takes seconds on an idle machine: generous, for a loaded 2-core one; a
+# wait that runs out fails loudly, naming what it waited for.
+PATIENCE_S = 600.0
+
+
+def wait_until(condition, what: str, proc: subprocess.Popen | None = None, seconds: float = PATIENCE_S,
+               every: float = 0.2):
+    """Poll `condition()` until it returns something truthy, and return that. Fails (AssertionError) when `proc`,
+    the process expected to bring it about, has exited (its stderr's end in the message), or after `seconds`."""
+    deadline = time.monotonic() + seconds
+    while True:
+        got = condition()
+        if got:
+            return got
+        if proc is not None and proc.poll() is not None:
+            err = proc.stderr.read() if proc.stderr is not None and not proc.stderr.closed else ""
+            raise AssertionError(f"waiting for {what}: the process exited ({proc.returncode}) first: {err[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waiting for {what}: not within {seconds:.0f} s")
+        time.sleep(every)
+
+
+class LineReader:
+    """The lines a process writes to one of its pipes, read by a thread, so that a wait for a line never blocks
+    past its bound (a blocking readline() would)."""
+
+    def __init__(self, stream):
+        import queue
+        import threading
+
+        self.lines: list[str] = []
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _pump(self, stream) -> None:
+        for line in stream:
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, text: str, seconds: float = PATIENCE_S) -> list[str]:
+        """Read lines until one holds `text`; every line read so far. Fails when the stream ends or time runs out."""
+        import queue
+
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                line = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"'{text}' not seen within {seconds:.0f} s: {''.join(self.lines)[-3000:]}")
+            if line is None:
+                raise AssertionError(f"the stream ended before '{text}': {''.join(self.lines)[-3000:]}")
+            self.lines.append(line)
+            if text in line:
+                return self.lines
+
+    def rest(self) -> str:
+        """Everything after the lines read, once the stream has ended (the process exited)."""
+        self._thread.join(timeout=PATIENCE_S)
+        while not self._queue.empty():
+            line = self._queue.get()
+            if line is not None:
+                self.lines.append(line)
+        return "".join(self.lines)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

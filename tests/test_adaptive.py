@@ -11,14 +11,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SMALL
+from conftest import SMALL, LineReader
 from trainer import config
 from trainer.errors import ConfigError
 from trainer.launch import adaptive
@@ -243,19 +242,6 @@ def test_a_pruned_trial_is_finished_and_marked_and_a_rejected_one_is_not_counted
     assert sorted(row[column] for row in table["data"]) == sorted(states)
 
 
-def _wait_for(proc, text, seconds):
-    """Read proc's stderr lines until one holds `text`; the lines read."""
-    deadline, lines = time.time() + seconds, []
-    while time.time() < deadline:
-        line = proc.stderr.readline()
-        if not line:
-            break
-        lines.append(line)
-        if text in line:
-            return lines
-    raise AssertionError(f"'{text}' not seen: {''.join(lines)[-3000:]}")
-
-
 @pytest.mark.slow
 def test_workers_share_a_study_a_killed_workers_trial_resumes_and_a_rerun_extends_it(tmp_path, data_root,
                                                                                      mlflow_server):
@@ -265,7 +251,7 @@ def test_workers_share_a_study_a_killed_workers_trial_resumes_and_a_rerun_extend
     args = ["search", hp, hr, "--data-root", str(data_root), "--no-progress", "--no-plots", "--strategy", "random",
             "--trials", "4", "--study-storage", storage]
     victim = cli(args, tmp_path, mlflow_server, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    lines = _wait_for(victim, "epoch 2/6", 300)  # mid-trial, with checkpoints of epochs 1 and 2
+    lines = LineReader(victim.stderr).wait_for("epoch 2/6")  # mid-trial, with checkpoints of epochs 1 and 2
     killed_run = re.search(r"MLflow run ([0-9a-f]{32})", "".join(lines)).group(1)
     victim.send_signal(signal.SIGKILL)  # no chance to clean up: its trial stays RUNNING
     victim.wait(timeout=30)
@@ -416,7 +402,7 @@ def test_k8s_status_and_finish_of_a_study_whose_worker_died_then_one_that_comple
     (tmp_path / "pod0").mkdir()
     worker = subprocess.Popen(command, cwd=tmp_path / "pod0", env=env, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True)
-    _wait_for(worker, "trial 2: ", 300)  # trials 0 and 1 ended; the last one begins
+    LineReader(worker.stderr).wait_for("trial 2: ")  # trials 0 and 1 ended; the last one begins
     worker.send_signal(signal.SIGKILL)  # the pod is gone for good (the Job's retries spent)
     worker.wait(timeout=30)
 

@@ -13,7 +13,6 @@ import sqlite3
 import stat
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -26,7 +25,7 @@ import yaml
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, SMALL, _free_port, stop_mlflow_server, wait_healthy
+from conftest import PATIENCE_S, ROOT, SMALL, _free_port, stop_mlflow_server, wait_healthy
 from trainer.cli import main
 
 pytestmark = pytest.mark.e2e
@@ -204,14 +203,12 @@ def test_a_search_logs_with_credentials_and_fails_fast_in_one_line_without(auth_
     hp, hr = _search_files(tmp_path, "auth_search")
     cmd = [sys.executable, "-m", "trainer", "search", str(hp), str(hr), "--data-root", str(data_root),
            "--no-progress", "--no-plots"]
-    start = time.time()
-    refused = subprocess.run(cmd, cwd=tmp_path, env=_env(uri), capture_output=True, text=True, timeout=120)
-    took = time.time() - start
+    # refused at once: MLflow's own retries of a 401 would take minutes (the bound fails loudly)
+    refused = subprocess.run(cmd, cwd=tmp_path, env=_env(uri), capture_output=True, text=True, timeout=PATIENCE_S)
     assert refused.returncode == 2, refused.stderr[-2000:]
     lines = refused.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "401" in lines[0], refused.stderr[-2000:]
     assert "Traceback" not in refused.stderr
-    assert took < 60, f"{took:.0f} s"  # seconds (mostly the imports), not MLflow's minutes of retries
     client = MlflowClient(uri)
     os.environ.update(MLFLOW_TRACKING_USERNAME=ADMIN, MLFLOW_TRACKING_PASSWORD=ADMIN_PASSWORD)
     try:

@@ -1,7 +1,8 @@
 """The benchmark command (benchmarks/run.py) runs at the smallest shape and prints every section.
 
 Only the shape of the output is checked: every section present, every figure finite and positive, skipped figures
-explained. Never a wall-clock time: the figures depend on the machine and its load.
+explained. Never a wall-clock time: the figures depend on the machine and its load. The run takes minutes, so it is
+marked `bench`: `./run-tests.sh` leaves it out and CI (.ci/run) runs it after the suite (`./run-tests.sh -m bench`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def _table_rows(stdout: str) -> list[list[str]]:
     return [[cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines[1:]]
 
 
-@pytest.mark.slow
+@pytest.mark.bench
 def test_quick_benchmark_prints_every_section_with_finite_positive_figures(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
     env["MLFLOW_DISABLE_TELEMETRY"] = "true"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SMALL
+from conftest import SMALL, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -181,7 +181,6 @@ def test_packed_search_trains_members_alone_in_mlflow_and_a_diverging_one_fails_
 @pytest.mark.slow
 def test_sigterm_kills_every_member_of_a_pack_and_a_rerun_resumes_each(tmp_path, data_root, mlflow_server):
     import signal
-    import time
 
     hp, hr = write_search(tmp_path, "e2e_pack_term", {"n_epochs": 10, "n_repeats": 1, "early_stopping": 0},
                           {"lr": [0.01, 0.005, 0.002]})
@@ -191,15 +190,13 @@ def test_sigterm_kills_every_member_of_a_pack_and_a_rerun_resumes_each(tmp_path,
            "--pack", "3"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = MlflowClient(mlflow_server)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # until every member has logged two epochs
-        exp = client.get_experiment_by_name("e2e_pack_term")
-        children = runs_of(client, "e2e_pack_term")[1] if exp else []
-        if len(children) == 3 and all(len(client.get_metric_history(c.info.run_id, "train_loss")) >= 2
-                                      for c in children):
-            break
-        assert proc.poll() is None, proc.communicate()[1][-3000:]
-        time.sleep(0.5)
+
+    def two_epochs_each():
+        children = runs_of(client, "e2e_pack_term")[1] if client.get_experiment_by_name("e2e_pack_term") else []
+        return len(children) == 3 and all(len(client.get_metric_history(c.info.run_id, "train_loss")) >= 2
+                                          for c in children)
+
+    wait_until(two_epochs_each, "every pack member to log two epochs", proc, every=0.5)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-3000:]

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import SMALL
+from conftest import SMALL, wait_until
 from trainer.search import expand
 
 pytestmark = pytest.mark.e2e
@@ -82,16 +81,14 @@ def children(client: MlflowClient, exp_name: str) -> dict[int, list]:
 
 
 def wait_for_epochs(client: MlflowClient, exp_name: str, index: int, n: int, proc: subprocess.Popen) -> str:
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        assert proc.poll() is None, proc.communicate()
+    def logged():
         exp = client.get_experiment_by_name(exp_name)
-        if exp is not None:
-            runs = client.search_runs([exp.experiment_id], f"tags.run_index = '{index}'")
-            if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= n:
-                return runs[0].info.run_id
-        time.sleep(0.2)
-    raise AssertionError(f"run {index} did not log {n} epochs in time")
+        runs = client.search_runs([exp.experiment_id], f"tags.run_index = '{index}'") if exp else []
+        if runs and len(client.get_metric_history(runs[0].info.run_id, "train_loss")) >= n:
+            return runs[0].info.run_id
+        return None
+
+    return wait_until(logged, f"run {index} to log {n} epochs", proc)
 
 
 @pytest.mark.slow

@@ -191,12 +191,21 @@ def test_too_few_layers_is_config_error():
         BNCNN(chans=[8, 8], ksizes=[15])
 
 
-def test_bncnn_trains_one_step():
-    model = BNCNN(n_units=3, **SMALL)
-    x, y = torch.randn(8, 10, 20, 20), torch.rand(8, 3)
+def test_every_bncnn_parameter_gets_a_gradient_that_lowers_the_loss():
+    """Every parameter is on the loss's path (a nonzero gradient), and a small step against the gradient lowers
+    the loss (float64, eval mode: no noise draw, fixed batch-norm statistics)."""
+    torch.manual_seed(0)
+    model = BNCNN(n_units=3, **SMALL).double().eval()
+    x, y = torch.randn(8, 10, 20, 20, dtype=torch.float64), torch.rand(8, 3, dtype=torch.float64)
     loss = nn.functional.poisson_nll_loss(model(x), y, log_input=False)
     loss.backward()
-    assert all(p.grad is not None for p in model.parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    with torch.no_grad():
+        for p in model.parameters():
+            p -= 1e-4 * p.grad
+        after = nn.functional.poisson_nll_loss(model(x), y, log_input=False)
+    assert after < loss
 
 
 # --- LN -----------------------------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def test_evaluate_register_load_predict(tmp_path, data_root, mlflow_server):
         Path(f.path).name for f in client.list_artifacts(parents[0].info.run_id, "plots")}
 
     # register: the worse search first (becomes champion), then the better one (takes the alias), then the worse
-    # one again (a new version, the alias stays)
+    # one again (its run is registered already: nothing new; a worse new run keeping the alias is
+    # tests/test_registry_rules.py)
     def register(target):
         res = cli(["register", target, "--name", "retina-model"], tmp_path, mlflow_server)
         assert res.returncode == 0, res.stderr[-2000:]

@@ -49,6 +49,9 @@ def test_seeds_repeat0_is_base_and_repeats_differ(tmp_path):
     assert len(set(seeds[:3])) == 3  # repeats differ
     assert seeds[:3] == seeds[3:]  # the same repeat number gets the same seed in every combination
     assert all(r.config["seed"] == r.seed for r in s.runs)
+    # the repeats' seeds come from the base seed: another base seed gives other repeats, not only another repeat 0
+    other = search.expand(*files(tmp_path, {"n_repeats": 3, "seed": 6}, {"lr": [0.1, 0.2]}))
+    assert other.runs[0].seed == 6 and not {r.seed for r in other.runs[1:3]} & set(seeds[1:3])
 
 
 def test_ids_are_stable_distinct_and_ignore_where_files_live(tmp_path):

@@ -83,9 +83,47 @@ def test_exactly_n_epochs_without_early_stopping(bundle, tmp_path):
     assert result.epochs_run == 4 and len(rep.epochs) == 4 and not result.stopped_early
 
 
-def test_plateau_scheduler_watches_validation_r_in_max_mode(bundle, tmp_path):
-    t = make(bundle, tmp_path, n_epochs=1)
-    assert t.scheduler.mode == "max"
+def scripted(t, val_r, val_loss):
+    """`t` with training and scoring replaced by scripted validation figures (epoch e scores val_r[e - 1] and
+    val_loss[e - 1]); everything else, the scheduler's step, early stopping and checkpoints, is the Trainer's own."""
+    t.loops = {"train_loop": lambda epoch: {"train_loss": 0.0}}
+    t.predict = lambda windows: torch.zeros(len(windows), t.data.n_cells)
+    t._check_alive = lambda out: None
+
+    def score_outputs(out, windows):
+        e = t.epoch - 1
+        return val_loss[e], torch.full((t.data.n_cells,), val_r[e])
+
+    t.score_outputs = score_outputs
+    return t
+
+
+def test_early_stopping_waits_its_patience_after_the_best_epoch(bundle, tmp_path):
+    """Patience 3: best at epoch 2, then three epochs without a better r (one of them equal to it) end the run."""
+    rep = ListReporter()
+    val_r = [0.1, 0.5, 0.4, 0.5, 0.45, 0.9, 0.9, 0.9]
+    t = scripted(make(bundle, tmp_path, rep, n_epochs=8, early_stopping=3, scheduler="none"), val_r, [0.0] * 8)
+    result = t.fit()
+    assert (result.epochs_run, result.best_epoch, result.stopped_early) == (5, 2, True)
+    assert [e for e, _ in rep.epochs] == [1, 2, 3, 4, 5]
+
+
+def test_the_plateau_schedule_steps_on_validation_r_in_max_mode(bundle, tmp_path):
+    """ReduceLROnPlateau (the default) watches validation r, not the loss: with r rising every epoch and the loss
+    flat the rate stays; with r flat and the loss falling it is cut by scheduler_scale after each patience + 1
+    epochs without a relative gain above scheduler_thresh."""
+    kw = {"n_epochs": 6, "early_stopping": 0, "scheduler": "ReduceLROnPlateau", "scheduler_patience": 1,
+          "scheduler_scale": 0.5, "scheduler_thresh": 0.01}
+    rising = ListReporter()
+    scripted(make(bundle, tmp_path / "a", rising, **kw), [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], [1.0] * 6).fit()
+    assert [m["lr"] for _, m in rising.epochs] == [pytest.approx(0.01)] * 6
+    flat = ListReporter()
+    scripted(make(bundle, tmp_path / "b", flat, **kw), [0.3] * 6, [6.0, 5.0, 4.0, 3.0, 2.0, 1.0]).fit()
+    # lr is the rate each epoch trained with: epochs 2 and 3 fail to beat epoch 1, so epoch 4 trains at half
+    assert [m["lr"] for _, m in flat.epochs] == pytest.approx([0.01, 0.01, 0.01, 0.005, 0.005, 0.0025])
+
+
+def test_multistep_schedule_decays_at_its_milestones(bundle, tmp_path):
     t2 = make(bundle, tmp_path, scheduler="MultiStepLR", scheduler_milestones=[1], scheduler_scale=0.1,
               n_epochs=2, early_stopping=0)
     rep = ListReporter()
@@ -173,11 +211,26 @@ def test_batch_size_sets_the_number_of_optimiser_steps(bundle, tmp_path):
         assert len(steps) == len(bundle.train) // batch_size  # a last partial batch is dropped, as the original
 
 
-def test_lr_and_l2_configure_adam(bundle, tmp_path):
+def test_lr_and_l2_set_adams_step_and_weight_decay(bundle, tmp_path):
+    """One optimiser step equals torch's Adam with lr and weight_decay l2 on the same gradients (float64)."""
     t = make(bundle, tmp_path, lr=0.0123, l2=0.004)
-    group = t.optimizer.param_groups[0]
-    assert isinstance(t.optimizer, torch.optim.Adam)
-    assert group["lr"] == 0.0123 and group["weight_decay"] == 0.004
+    t.model.double()  # the optimiser holds the same Parameter objects, now float64
+    reference = {k: v.detach().clone() for k, v in t.model.named_parameters()}
+    ref_params = [torch.nn.Parameter(v.clone()) for v in reference.values()]
+    ref_opt = torch.optim.Adam(ref_params, lr=0.0123, weight_decay=0.004)
+    x, y = bundle.train.get(torch.arange(32))
+    t.model.train()
+    torch.manual_seed(0)
+    t.optimizer.zero_grad()
+    t.batch_loss(t.model(x.double()), y.double()).backward()
+    for p, (_, q) in zip(ref_params, t.model.named_parameters()):
+        p.grad = None if q.grad is None else q.grad.clone()
+    t.optimizer.step()
+    ref_opt.step()
+    for p, (k, q) in zip(ref_params, t.model.named_parameters()):
+        assert torch.equal(p, q), k
+    moved = [k for k, q in t.model.named_parameters() if not torch.equal(q, reference[k])]
+    assert moved and t.optimizer.param_groups[0]["lr"] == 0.0123
 
 
 def test_bf16_precision_runs_the_forward_pass_in_bfloat16(bundle, tmp_path):
