@@ -17,7 +17,7 @@ import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SMALL, LineReader
+from conftest import SMALL, LineReader, invoke
 from trainer import config
 from trainer.errors import ConfigError
 from trainer.launch import adaptive
@@ -31,13 +31,13 @@ def write(folder: Path, exp_name: str, ranges: dict, **extra) -> tuple[str, str]
     return str(folder / "hp.json"), str(folder / "hr.json")
 
 
-def cli(args, cwd, tracking_uri, timeout=600, **popen):
+def cli(args, cwd, tracking_uri, **popen):
+    """The CLI in this process (conftest.invoke); with `popen` arguments, a real process (to be killed)."""
+    if not popen:
+        return invoke(args, cwd, tracking_uri, unset=("RETINA_",))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RETINA_"))}
     env.update(MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_TRACKING_URI=tracking_uri)
-    cmd = [sys.executable, "-m", "trainer", *args]
-    if popen:
-        return subprocess.Popen(cmd, cwd=cwd, env=env, text=True, **popen)
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.Popen([sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, text=True, **popen)
 
 
 # ---- the range form -------------------------------------------------------------------------------------------

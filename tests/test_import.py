@@ -15,8 +15,6 @@ import copy
 import json
 import math
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from conftest import invoke
 from trainer.cli import main
 from trainer.errors import UserError
 from trainer.importer import import_checkpoint, run_metrics
@@ -880,10 +879,7 @@ def test_scored_on_our_validation_split(tmp_path):
 
 
 def run_cli(args, cwd, uri):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
-    env.update(MLFLOW_TRACKING_URI=uri, MLFLOW_DISABLE_TELEMETRY="true")
-    return subprocess.run([sys.executable, "-m", "trainer", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
+    return invoke(args, cwd, uri)
 
 
 @pytest.mark.slow

@@ -226,7 +226,9 @@ def test_each_run_says_what_data_code_and_machine_made_it(tmp_path, data_root, m
     from trainer.data.recording import recording_digest
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
+    # a sample every 0.2 s: in a warm process the run takes about a second, and a sample is logged only when its
+    # interval is over before the run ends
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     monkeypatch.setenv("RETINA_IMAGE", "registry.example.com/retina-trainer:0.2.0")
     monkeypatch.chdir(tmp_path)
     (tmp_path / "hp.json").write_text(json.dumps({"exp_name": "prov", **SMALL, "n_epochs": 3}))
