@@ -16,7 +16,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import SMALL, wait_until
+from conftest import SMALL, invoke, wait_until
 from trainer.search import expand
 
 pytestmark = pytest.mark.e2e
@@ -45,9 +45,8 @@ class Job:
 def render(folder: Path, hp: Path, hr: Path, uri: str, data_root: Path, extra: tuple[str, ...] = ()) -> Job:
     """`retina-trainer k8s render` against the real server (it creates the parent run), then read the YAML the way
     the cluster would: the ConfigMap's files become /config, the Job's container gives command and env."""
-    res = subprocess.run([sys.executable, "-m", "trainer", "k8s", "render", str(hp), str(hr), "--image", "img:1",
-                          "--tracking-uri", uri, "--parallelism", "2", *extra], capture_output=True, text=True,
-                         env=dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true"))
+    res = invoke(["k8s", "render", str(hp), str(hr), "--image", "img:1", "--tracking-uri", uri, "--parallelism",
+                  "2", *extra], folder)
     assert res.returncode == 0, res.stderr[-3000:]
     docs = list(yaml.safe_load_all(res.stdout))
     config_dir = folder / "config"
@@ -61,6 +60,12 @@ def render(folder: Path, hp: Path, hr: Path, uri: str, data_root: Path, extra: t
     env["RETINA_DATA_ROOT"] = str(data_root)  # the read-only data volume, mounted here at the data root
     command = [str(config_dir / Path(a).name) if a.startswith("/config/") else a for a in container["command"]]
     return Job(command, env, job["spec"]["parallelism"], job["spec"]["completions"], env["RETINA_PARENT_RUN_ID"])
+
+
+def pod_in_process(index: int, job: Job, workdir: Path):
+    """One pod of the Job run in this process (conftest.invoke), for pods whose process is not what is tested."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return invoke(job.command[1:], workdir, env={**job.env, "JOB_COMPLETION_INDEX": str(index), "HOME": str(workdir)})
 
 
 def pod(index: int, job: Job, workdir: Path) -> subprocess.Popen:
@@ -117,19 +122,17 @@ def test_fan_out_two_at_a_time_then_second_pass_skips(tmp_path, data_root, mlflo
     assert client.get_run(parent).info.status == "FINISHED"
     # a second full pass skips all six
     for i in range(6):
-        p = pod(i, job, tmp_path / f"again{i}")
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0 and "already FINISHED" in err, err[-2000:]
+        p = pod_in_process(i, job, tmp_path / f"again{i}")
+        assert p.returncode == 0 and "already FINISHED" in p.stderr, p.stderr[-2000:]
     assert all(len(v) == 1 for v in children(client, "fanout").values())
 
 
 def test_index_out_of_range_is_a_user_error(tmp_path, data_root, mlflow_server):
     hp, hr = make_search(tmp_path, "fanout_range", {"n_epochs": 1}, {"lr": [0.01, 0.003]})
     job = render(tmp_path, hp, hr, mlflow_server, data_root)
-    p = pod(7, job, tmp_path / "pod")
-    out, err = p.communicate(timeout=60)
+    p = pod_in_process(7, job, tmp_path / "pod")
     assert p.returncode == 2
-    assert "run index 7 is out of range: the search has 2 runs (0..1)" in err and "Traceback" not in err
+    assert "run index 7 is out of range: the search has 2 runs (0..1)" in p.stderr and "Traceback" not in p.stderr
 
 
 @pytest.mark.slow
@@ -198,9 +201,8 @@ def test_packed_fan_out_trains_each_pack_in_one_pod(tmp_path, data_root, mlflow_
         assert r.data.tags["pack"] == ", ".join(names[:4] if i < 4 else names[4:])
         assert [m.step for m in client.get_metric_history(r.info.run_id, "val_pearson")] == [1, 2]
     assert client.get_run(job.parent).info.status == "FINISHED"
-    again = pod(0, job, tmp_path / "again0")
-    out, err = again.communicate(timeout=120)
-    assert again.returncode == 0 and err.count("already FINISHED") == 4, err[-2000:]
-    bad = pod(2, job, tmp_path / "bad")
-    out, err = bad.communicate(timeout=60)
-    assert bad.returncode == 2 and "pack index 2 is out of range: the search has 2 packs of at most 4 runs" in err
+    again = pod_in_process(0, job, tmp_path / "again0")
+    assert again.returncode == 0 and again.stderr.count("already FINISHED") == 4, again.stderr[-2000:]
+    bad = pod_in_process(2, job, tmp_path / "bad")
+    assert bad.returncode == 2
+    assert "pack index 2 is out of range: the search has 2 packs of at most 4 runs" in bad.stderr
