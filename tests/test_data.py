@@ -10,14 +10,8 @@ from click.testing import CliRunner
 
 from trainer.data import recording
 from trainer.data.commands import data
-from trainer.data.recording import (
-    DATA_ROOT_ENV,
-    check_recording,
-    format_summary,
-    load_data,
-    recording_path,
-    resolve_data_root,
-)
+from trainer.data.recording import DATA_ROOT_ENV, load_data, recording_path, resolve_data_root
+from trainer.data.summary import check_recording, format_summary
 from trainer.errors import ConfigError, DataError
 
 H, W = 6, 5
