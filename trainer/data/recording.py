@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -392,6 +393,14 @@ def _check_fit(f: h5py.File, path: Path, cells: str | list[int], img_shape: Sequ
                         f"{[history, height, width]}; set img_shape to {[history, *train.frame_shape]}")
     plan = _plan(train, test, history, val_frac, path, val_size)
     return train, test, plan, _cell_ids(cells, train.n_cells, path, f)
+
+
+def recording_key(path: str | Path, cfg: Mapping[str, Any]) -> tuple:
+    """What identifies a recording as loaded for a run config: (path, cells (a tuple, or "all"), img_shape, val_frac,
+    val_size), the arguments that change what preflight and load_data give (a cache key; not the device)."""
+    cells = cfg["cells"]
+    cells = "all" if isinstance(cells, str) and cells == "all" else tuple(cells)
+    return str(path), cells, tuple(cfg["img_shape"]), cfg["val_frac"], cfg["val_size"]
 
 
 def preflight(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
