@@ -44,7 +44,8 @@ def memory_child(path: str, batches: int, batch_size: int, big_batch: int, run_d
     import dataclasses
 
     from trainer import config
-    from trainer.data.recording import WindowSet, load_data
+    from trainer.data.recording import load_data
+    from trainer.data.windows import WindowSet
     from trainer.models import build_model
     from trainer.training.trainer import NullReporter, Trainer, resolve_device, score_batch
 

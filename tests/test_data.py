@@ -10,14 +10,8 @@ from click.testing import CliRunner
 
 from trainer.data import recording
 from trainer.data.commands import data
-from trainer.data.recording import (
-    DATA_ROOT_ENV,
-    check_recording,
-    format_summary,
-    load_data,
-    recording_path,
-    resolve_data_root,
-)
+from trainer.data.recording import DATA_ROOT_ENV, load_data, recording_key, recording_path, resolve_data_root
+from trainer.data.summary import check_recording, format_summary
 from trainer.errors import ConfigError, DataError
 
 H, W = 6, 5
@@ -68,6 +62,19 @@ def test_data_root_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_data_root(None) == Path("~/experiments/data").expanduser()
     expected = Path("~/d/15-10-07/naturalscene.h5").expanduser()
     assert recording_path("~/d", "15-10-07", "naturalscene") == expected
+
+
+def test_recording_key_names_what_changes_the_loaded_recording() -> None:
+    cfg = {"cells": [2, 0], "img_shape": [40, 50, 50], "val_frac": 0.1, "val_size": 0, "lr": 1e-3, "device": "cpu"}
+    key = recording_key(Path("/d/rec.h5"), cfg)
+    assert key == ("/d/rec.h5", (2, 0), (40, 50, 50), 0.1, 0)
+    assert hash(key) == hash(recording_key("/d/rec.h5", dict(cfg)))  # hashable; a str path gives the same key
+    assert recording_key("/d/rec.h5", {**cfg, "lr": 1.0, "device": "cuda", "seed": 3}) == key  # not the run's own
+    assert recording_key("/d/rec.h5", {**cfg, "cells": "all"})[1] == "all"
+    for change in ({"cells": [0, 2]}, {"cells": "all"}, {"img_shape": [20, 50, 50]}, {"val_frac": 0.2},
+                   {"val_size": 100}):
+        assert recording_key("/d/rec.h5", {**cfg, **change}) != key, change
+    assert recording_key("/d/other.h5", cfg) != key
 
 
 # ------------------------------------------------------------------------------------------------------------

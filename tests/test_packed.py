@@ -10,7 +10,8 @@ import torch
 
 from conftest import SMALL, ListReporter
 from trainer import config
-from trainer.data.recording import WindowSet, load_data, recording_path
+from trainer.data.recording import load_data, recording_path
+from trainer.data.windows import WindowSet
 from trainer.errors import ConfigError
 from trainer.launch.local import seed_everything
 from trainer.models import build_model, prepare_model

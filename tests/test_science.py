@@ -57,8 +57,9 @@ import torch
 from torch import nn
 
 from trainer import config
-from trainer.data.recording import DataBundle, load_data
+from trainer.data.recording import load_data
 from trainer.data.synth import write_synthetic
+from trainer.data.windows import DataBundle
 from trainer.evaluation.report import evaluate_predictions
 from trainer.launch.local import seed_everything
 from trainer.models import build_model, prepare_model

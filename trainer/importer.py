@@ -733,7 +733,8 @@ def score_on_recording(model: nn.Module, cfg: dict[str, Any], norm: dict[str, fl
     """Mean Pearson r over cells of the model's evaluated rates on our validation and test splits of `recording`
     (trainer.data.recording.load_data with the config's val_frac and val_size, as a run of ours is scored each
     epoch), the windows normalised with the checkpoint's norm_stats (what the model was trained on)."""
-    from trainer.data.recording import WindowSet, load_data
+    from trainer.data.recording import load_data
+    from trainer.data.windows import WindowSet
     from trainer.training.metrics import pearson_per_cell
     from trainer.training.trainer import as_rates
 

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-# trainer.data.recording and .synth import torch: they are imported inside the commands, so --help stays fast.
+# trainer.data.summary and .synth import torch: they are imported inside the commands, so --help stays fast.
 
 
 @click.group()
@@ -30,7 +30,7 @@ def check(file: Path, history: int, val_frac: float) -> None:
     validation and test samples the given history and val_frac give. Exits non-zero with a one-line reason if
     the file is malformed or too short.
     """
-    from trainer.data.recording import check_recording, format_summary
+    from trainer.data.summary import check_recording, format_summary
 
     click.echo(format_summary(check_recording(file, history=history, val_frac=val_frac)))
 

@@ -1,25 +1,27 @@
-"""Read, check and window recordings stored in the published h5 layout.
+"""Read and validate a recording file in the published h5 layout: where it lives, its checks against a run's
+settings (`preflight`), loading it as a DataBundle (`load_data`), and single groups for prediction and evaluation.
 
 A recording is `<data root>/<dataset>/<stim_type>.h5` with groups `train` and `test`, each holding
 `stimulus` (T, H, W), `time` (T,) and `response/firing_rate_10ms` (n_cells, T). Sample k of a split is the
-window of frames s..s+h-1 (oldest first, frames as channels) and its target is the rate at frame s+h.
-The windows are never built: a WindowSet holds the frames once and gathers a batch of windows on demand.
+window of frames s..s+h-1 (oldest first, frames as channels) and its target is the rate at frame s+h
+(trainer/data/windows.py holds the samples).
 """
-
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 import torch
 
 from trainer.data.cells import FILE_ATTR, all_cells
+from trainer.data.windows import DataBundle, WindowSet
 from trainer.errors import ConfigError, DataError
 
 DATA_ROOT_ENV = "RETINA_DATA_ROOT"
@@ -42,94 +44,6 @@ def resolve_data_root(root: str | None) -> Path:
 def recording_path(data_root: str | Path, dataset: str, stim_type: str) -> Path:
     """Where a recording lives: <root>/<dataset>/<stim_type>.h5."""
     return Path(data_root).expanduser() / dataset / f"{stim_type}.h5"
-
-
-# ------------------------------------------------------------------------------------------------------------
-# windows
-
-
-class WindowSet:
-    """Samples of a stimulus held once: sample k = frames s..s+h-1 (oldest first, frames as channels),
-    target = rates[s+h], s = starts[k]."""
-
-    def __init__(self, stimulus: torch.Tensor, rates: torch.Tensor, starts: torch.Tensor, history: int,
-                 mean: float, std: float):
-        if stimulus.ndim != 3 or rates.ndim != 2 or rates.shape[0] != stimulus.shape[0]:
-            raise ValueError(f"need stimulus (T, H, W) and rates (T, n_cells); got {tuple(stimulus.shape)} "
-                             f"and {tuple(rates.shape)}")
-        starts = starts.to(device=stimulus.device, dtype=torch.int64)
-        if starts.numel() and (int(starts.min()) < 0 or int(starts.max()) + history >= stimulus.shape[0]):
-            raise ValueError(f"window starts must lie in [0, {stimulus.shape[0] - history}) "
-                             f"for history {history}")
-        self.stimulus = stimulus  # (T, H, W) in the stored dtype, shared between WindowSets of one split
-        self.rates = rates  # (T, n_cells) float32 (float64 for a float64 model): the dtype of the samples
-        self.starts = starts  # (N,) int64
-        self.history = int(history)
-        self.mean = float(mean)
-        self.std = float(std)
-        self._offsets = torch.arange(self.history, device=stimulus.device)
-
-    def __len__(self) -> int:
-        return self.starts.numel()
-
-    @property
-    def n_cells(self) -> int:
-        """Number of cells (columns of the targets)."""
-        return self.rates.shape[1]
-
-    @property
-    def targets(self) -> torch.Tensor:
-        """Rates at the target frames, in sample order: (N, n_cells)."""
-        return self.rates[self.starts + self.history]
-
-    def get(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather the samples at positions `idx`: x (B, h, H, W) z-scored, y (B, n_cells), both in the rates' dtype
-        (float32 unless the recording was loaded for a float64 model)."""
-        s = self.starts[torch.as_tensor(idx, device=self.starts.device)]
-        frames = (s[:, None] + self._offsets).reshape(-1)  # only this batch's frames are copied
-        x = self.stimulus.index_select(0, frames).view(len(s), self.history, *self.stimulus.shape[1:])
-        x = x.to(self.rates.dtype).sub_(self.mean).div_(self.std)  # in place: one float copy of the batch
-        return x, self.rates[s + self.history]
-
-    def batches(self, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None,
-                drop_last: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Yield (x, y) batches covering each sample once; shuffle reorders samples, not a window's frames.
-        drop_last leaves out a last partial batch (training does, as the original: a batch of one sample would
-        make batch norm fail)."""
-        if batch_size < 1:
-            raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
-        n = len(self)
-        order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
-        order = order.to(self.starts.device)
-        stop = n - n % batch_size if drop_last else n
-        for i in range(0, stop, batch_size):
-            yield self.get(order[i:i + batch_size])
-
-    def to(self, device: str | torch.device) -> WindowSet:
-        """This WindowSet on `device` (moving two WindowSets separately copies a shared stimulus twice)."""
-        return WindowSet(self.stimulus.to(device), self.rates.to(device), self.starts.to(device),
-                         self.history, self.mean, self.std)
-
-
-@dataclass
-class DataBundle:
-    """A loaded recording: train/val/test windows, the chosen cells and the stimulus normalisation."""
-
-    train: WindowSet
-    val: WindowSet
-    test: WindowSet
-    n_cells: int
-    cell_ids: list[int]  # row indices into the file's response arrays
-    img_shape: tuple[int, int, int]  # (history, H, W)
-    stim_mean: float  # training statistics, saved with the model
-    stim_std: float
-    path: Path
-    test_repeats: np.ndarray | None  # (n_repeats, n_test_samples, n_cells) aligned with test samples, or None
-    cells_source: str = "the config"  # where cell_ids came from (see trainer/data/cells.py)
-
-    def norm_stats(self) -> dict:
-        """The stimulus normalisation, to save with a model so it sees new stimuli the way it was trained."""
-        return {"mean": self.stim_mean, "std": self.stim_std}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -481,6 +395,14 @@ def _check_fit(f: h5py.File, path: Path, cells: str | list[int], img_shape: Sequ
     return train, test, plan, _cell_ids(cells, train.n_cells, path, f)
 
 
+def recording_key(path: str | Path, cfg: Mapping[str, Any]) -> tuple:
+    """What identifies a recording as loaded for a run config: (path, cells (a tuple, or "all"), img_shape, val_frac,
+    val_size), the arguments that change what preflight and load_data give (a cache key; not the device)."""
+    cells = cfg["cells"]
+    cells = "all" if isinstance(cells, str) and cells == "all" else tuple(cells)
+    return str(path), cells, tuple(cfg["img_shape"]), cfg["val_frac"], cfg["val_size"]
+
+
 def preflight(path: str | Path, *, cells: str | list[int] = "all", img_shape: Sequence[int] = (40, 50, 50),
               val_frac: float = 0.1, val_size: int = 0) -> int:
     """Check a recording fits a run's settings without reading its arrays; returns the number of cells used."""
@@ -530,83 +452,6 @@ def load_data(path: str | Path, *, cells: str | list[int] = "all", img_shape: Se
         n_cells=len(cell_ids), cell_ids=cell_ids, img_shape=(history, height, width),
         stim_mean=mean, stim_std=std, path=path, test_repeats=repeats, cells_source=cells_source,
     )
-
-
-def _duration(time: h5py.Dataset, n_frames: int) -> tuple[float, float]:
-    """(duration in s, bin in s) from the first and last time stamps, or 10 ms bins if they are unusable."""
-    dt = BIN_S
-    if n_frames >= 2:
-        t0, t1 = float(time[0]), float(time[n_frames - 1])
-        if math.isfinite(t1 - t0) and t1 > t0:
-            dt = (t1 - t0) / (n_frames - 1)
-    return n_frames * dt, dt
-
-
-def check_recording(path: str | Path, *, history: int = 40, val_frac: float = 0.1) -> dict:
-    """Validate a recording the way load_data would (all cells) and summarise it; DataError on any problem."""
-    path = Path(path).expanduser()
-    _check_params(history, val_frac)
-    with _open_h5(path) as f:
-        train, test = _inspect(f, path)
-        n_train, gap, n_val, n_test = _plan(train, test, history, val_frac, path)
-        train_rates = _read_rates(train, path)
-        _read_rates(test, path)
-        repeats = _repeat_datasets(f, path, test.n_frames)
-        stats = _stimulus_stats(train.stimulus, path, "train/stimulus")
-        _check_finite(test.stimulus, path, "test/stimulus")
-        train_s, bin_s = _duration(train.time, train.n_frames)
-        test_s, _ = _duration(test.time, test.n_frames)
-        dtype = str(train.stimulus.dtype)
-    if stats["std"] == 0:
-        raise DataError(f"{path}: 'train/stimulus' is constant (value {stats['mean']:g}); a constant "
-                        f"stimulus cannot drive a model, check the file")
-    return {
-        "path": str(path),
-        "n_cells": train.n_cells,
-        "frame_size": train.frame_shape,
-        "stimulus_dtype": dtype,
-        "train_frames": train.n_frames,
-        "test_frames": test.n_frames,
-        "train_duration_s": train_s,
-        "test_duration_s": test_s,
-        "bin_s": bin_s,
-        "stimulus_mean": stats["mean"],
-        "stimulus_std": stats["std"],
-        "stimulus_min": stats["min"],
-        "stimulus_max": stats["max"],
-        "mean_rate_hz": train_rates.mean(axis=1).tolist(),
-        "n_test_repeats": next(iter(repeats.values())).shape[0] if repeats else 0,
-        "n_cells_with_repeats": len(repeats),
-        "history": history,
-        "val_frac": val_frac,
-        "train_samples": n_train,
-        "gap_samples": gap,
-        "val_samples": n_val,
-        "test_samples": n_test,
-    }
-
-
-def format_summary(summary: dict) -> str:
-    """A check_recording summary as aligned lines for `retina-trainer data check`."""
-    rates = ", ".join(f"{i}: {r:.2f}" for i, r in enumerate(summary["mean_rate_hz"]))
-    repeats = (f"{summary['n_test_repeats']} test repeats for {summary['n_cells_with_repeats']} of "
-               f"{summary['n_cells']} cells" if summary["n_test_repeats"] else "none")
-    lines = [
-        ("recording", summary["path"]),
-        ("cells", str(summary["n_cells"])),
-        ("frames", f"{_hw(summary['frame_size'])} {summary['stimulus_dtype']}, "
-                   f"bin {summary['bin_s'] * 1000:g} ms"),
-        ("train", f"{summary['train_frames']} frames ({summary['train_duration_s']:.1f} s)"),
-        ("test", f"{summary['test_frames']} frames ({summary['test_duration_s']:.1f} s)"),
-        ("stimulus", f"train mean {summary['stimulus_mean']:.4g}, std {summary['stimulus_std']:.4g}, "
-                     f"min {summary['stimulus_min']:g}, max {summary['stimulus_max']:g}"),
-        ("mean rate", f"train, Hz per cell: {rates}"),
-        ("repeats", repeats),
-        ("samples", f"history {summary['history']}, val_frac {summary['val_frac']:g}: "
-                    f"train {summary['train_samples']}, gap {summary['gap_samples']}, "
-                    f"val {summary['val_samples']}, test {summary['test_samples']}"),
-    ]
-    return "\n".join(f"{key:<10} {value}" for key, value in lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

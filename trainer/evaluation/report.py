@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from trainer.data.recording import DataBundle, read_truth
+from trainer.data.recording import read_truth
+from trainer.data.windows import DataBundle
 from trainer.evaluation import metrics, plots
 
 

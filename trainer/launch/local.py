@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from trainer import search as search_mod
-from trainer.data.recording import DataBundle, load_data, recording_digest, recording_path, resolve_data_root
+from trainer.data.recording import load_data, recording_digest, recording_path, resolve_data_root
 from trainer.data.recording import preflight as recording_preflight
+from trainer.data.windows import DataBundle
 from trainer.errors import ConfigError, DataError, TrackingUnavailable, UserError
 from trainer.models import build_model, prepare_model
 from trainer.search import RunSpec, Search

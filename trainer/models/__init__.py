@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from trainer.data.recording import DataBundle
+    from trainer.data.windows import DataBundle
 
 from trainer.errors import ConfigError
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.data.recording import DataBundle, WindowSet
+from trainer.data.windows import DataBundle, WindowSet
 from trainer.errors import ConfigError
 
 STA_MAX_SAMPLES = 20_000  # training windows averaged for the receptive-field estimate of prepare()

@@ -34,7 +34,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 from torch.nn import functional as F
 
-from trainer.data.recording import WindowSet
+from trainer.data.windows import WindowSet
 from trainer.errors import ConfigError
 from trainer.pack_rule import pack_conflict
 from trainer.training.trainer import (

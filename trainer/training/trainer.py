@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from trainer.data.recording import DataBundle, WindowSet
+from trainer.data.windows import DataBundle, WindowSet
 from trainer.errors import ConfigError, UserError
 from trainer.training import checkpoint
 from trainer.training.losses import semantic_loss
