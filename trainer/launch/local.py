@@ -7,7 +7,6 @@ same MLflow run. A failing run is marked FAILED and the search goes on; Ctrl-C m
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -25,7 +24,7 @@ import numpy as np
 import torch
 
 from trainer import search as search_mod
-from trainer.data.recording import load_data, recording_digest, recording_path, resolve_data_root
+from trainer.data.recording import load_data, recording_digest, recording_key, recording_path, resolve_data_root
 from trainer.data.recording import preflight as recording_preflight
 from trainer.data.windows import DataBundle
 from trainer.errors import ConfigError, DataError, TrackingUnavailable, UserError
@@ -139,7 +138,7 @@ def preflight(search: Search, data_root: str | None, only: int | None = None,
                             f"data_root or $RETINA_DATA_ROOT, dataset and stim_type, or make one with "
                             f"`retina-trainer data synth {root}`")
         try:
-            key = (str(path), json.dumps(cfg["cells"]), tuple(cfg["img_shape"]), cfg["val_frac"], cfg["val_size"])
+            key = recording_key(path, cfg)
             if key not in checked:
                 checked[key] = recording_preflight(path, cells=cfg["cells"], img_shape=cfg["img_shape"],
                                                    val_frac=cfg["val_frac"], val_size=cfg["val_size"])
@@ -156,7 +155,7 @@ def preflight(search: Search, data_root: str | None, only: int | None = None,
     n_train: dict[tuple[Any, ...], int] = {}
     for spec in reversed(specs):  # the values of every recording; the first run's stays in the cache
         cfg = spec.config
-        key = (str(paths[spec.index]), json.dumps(cfg["cells"]), tuple(cfg["img_shape"]), cfg["val_frac"])
+        key = recording_key(paths[spec.index], cfg)  # with val_size (a search over val_size has other counts)
         try:
             if key not in n_train:
                 n_train[key] = len(cache.get(paths[spec.index], cfg, resolve_device(cfg["device"])).train)
@@ -205,8 +204,7 @@ class DataCache:
         self.bundle: DataBundle | None = None
 
     def get(self, path: Path, cfg: dict[str, Any], device: torch.device) -> DataBundle:
-        cells = cfg["cells"] if cfg["cells"] == "all" else tuple(cfg["cells"])
-        key = (str(path), cells, tuple(cfg["img_shape"]), cfg["val_frac"], cfg["val_size"], str(device))
+        key = (*recording_key(path, cfg), str(device))
         if key != self.key:
             self.bundle = None  # free the previous recording before reading the next
             self.bundle = load_data(path, cells=cfg["cells"], img_shape=cfg["img_shape"],
